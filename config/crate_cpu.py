@@ -1,0 +1,24 @@
+# A tiny CRATE that trains on a laptop CPU in a few minutes, to try the code without a GPU.
+# Data: any prepared dataset, e.g. `python prepare.py --dataset=tinystories` (needs the network) or
+# `python prepare.py --files 'my_texts/*.txt' --name=mytext` and then --dataset=mytext.
+out_dir = 'out-crate-cpu'
+dataset = 'tinystories'
+device = 'cpu'
+compile = False
+attn = 'mssa'
+ffn = 'ista'
+bias = True
+n_layer = 2
+n_head = 4
+n_embd = 128
+block_size = 128
+batch_size = 16
+gradient_accumulation_steps = 2
+max_iters = 2000
+lr_decay_iters = 2000
+warmup_iters = 100
+learning_rate = 1e-3
+min_lr = 1e-4
+eval_interval = 250
+eval_iters = 20
+log_interval = 25

@@ -1,0 +1,97 @@
+"""
+Sample from a trained model (ours or a released CRATE checkpoint), optionally steering neurons.
+
+    python sample.py --ckpt=out-crate-1l --start="Once upon a time" --num_samples=3
+    python sample.py --ckpt=out-crate-1l --start="1 2 3 4 5" --steer=0:41:100 --show_next=5 --num_samples=0
+"""
+
+import sys
+from contextlib import nullcontext
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+from model import configure, load_model, script_defaults
+
+# -----------------------------------------------------------------------------------------------------------
+ckpt = 'out'                 # a checkpoint file or a directory holding ckpt.pt
+start = '\n'                 # the prompt, or FILE:path to read it from a file
+num_samples = 3
+max_new_tokens = 200
+temperature = 0.8            # 0 = greedy
+top_k = 200                  # 0 = no top-k cut
+seed = 1337
+steer = []                   # layer:neuron:value, repeatable: overwrite that neuron at every position
+show_next = 0                # print the top-k next-token probabilities for the prompt, with and without steering
+device = 'auto'
+dtype = 'float32'            # 'float32' or 'bfloat16'
+# -----------------------------------------------------------------------------------------------------------
+globals().update(configure(script_defaults(globals()), sys.argv[1:]))
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_steer(specs, model):
+    """['0:41:100', ...] -> {0: [(41, 100.0)]}, checked against the model's layers and neuron count."""
+    out = {}
+    for spec in specs:
+        try:
+            layer, neuron, value = spec.split(':')
+            layer, neuron, value = int(layer), int(neuron), float(value)
+        except ValueError:
+            fail(f"--steer={spec}: write it as layer:neuron:value, e.g. --steer=0:41:100")
+        L, h = model.config.n_layer, model.config.hidden
+        if not (0 <= layer < L and 0 <= neuron < h):
+            fail(f"--steer={spec}: the model has layers 0..{L - 1} and neurons 0..{h - 1}")
+        out.setdefault(layer, []).append((neuron, value))
+    return out
+
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+try:
+    model = load_model(ckpt, device)
+except (FileNotFoundError, ValueError) as e:
+    fail(str(e))
+steering = parse_steer(steer, model)
+autocast = torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+enc = tiktoken.get_encoding('gpt2')
+
+
+def decode(ids):
+    return enc.decode([i for i in ids if i < enc.n_vocab])  # the padding ids (50257..50303) have no text
+
+
+if start.startswith('FILE:'):
+    with open(start[5:], encoding='utf-8') as f:
+        start = f.read()
+ids = enc.encode(start, allowed_special={'<|endoftext|>'})
+if not ids:
+    fail("the prompt is empty; pass --start=TEXT or --start=FILE:path")
+if max(ids) >= model.config.vocab_size:
+    fail(f"the prompt has token {max(ids)} but the model's vocabulary is {model.config.vocab_size}; "
+         f"this model was not trained on GPT-2 tokens of that range")
+x = torch.tensor(ids, dtype=torch.long, device=device)[None, -model.config.block_size:]
+
+if show_next:
+    with torch.no_grad(), autocast:
+        probs = {name: F.softmax(model(x, steer=s)[0][0, -1].float(), dim=-1)
+                 for name, s in (('unsteered', None), ('steered', steering))}
+    print(f"next token after {start[-60:]!r}")
+    columns = ['unsteered'] + (['steered'] if steering else [])
+    print('rank  ' + ''.join(f"{c:<32}" for c in columns))
+    top = {c: torch.topk(probs[c], show_next) for c in columns}
+    for r in range(show_next):
+        cells = [f"{decode([top[c].indices[r].item()])!r:<20}{top[c].values[r].item():<12.6f}" for c in columns]
+        print(f"{r + 1:<6}" + ''.join(cells).rstrip())
+
+torch.manual_seed(seed)
+for _ in range(num_samples):
+    with torch.no_grad(), autocast:
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, steer=steering or None)
+    print(decode(y[0].tolist()))
+    print('---------------')

@@ -1,0 +1,332 @@
+"""
+Train CRATE or GPT-2 on one CPU, one GPU, or many GPUs with DDP.
+
+    python train.py config/crate_1l.py --max_iters=1000
+    torchrun --standalone --nproc_per_node=8 train.py config/crate_small.py
+    torchrun --nnodes=2 --node_rank=0 --rdzv_endpoint=HOST:PORT --nproc_per_node=8 train.py config/crate_base.py
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import ModelConfig, Transformer, configure, script_defaults
+
+# -----------------------------------------------------------------------------------------------------------
+# defaults: the paper's recipe (the Pile, context 1024, ~0.5M tokens a step, AdamW, cosine schedule)
+out_dir = 'out'
+data_dir = 'data'                  # token files are data_dir/dataset/{train,val}.bin (written by prepare.py)
+dataset = 'pile'
+init_from = 'scratch'              # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+eval_interval = 1000
+eval_iters = 100                   # validation batches per eval, a fixed slice of val.bin (same every eval)
+log_interval = 10
+always_save_checkpoint = True      # else only when val loss improves
+seed = 1337
+# model (ModelConfig): CRATE by default; GPT-2 is attn='mha', ffn='mlp', bias=False
+attn = 'mssa'
+ffn = 'ista'
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+vocab_size = 50304
+dropout = 0.0
+bias = True
+overcomplete = 4
+ista_steps = 2
+ista_eta = 0.1
+ista_lambda = 0.1
+activation = 'relu'
+# batch: global tokens per step = batch_size * block_size * gradient_accumulation_steps (12 * 1024 * 40)
+batch_size = 12                    # sequences per micro-step per process
+gradient_accumulation_steps = 40   # micro-steps per optimizer step, summed over all processes
+# optimizer
+learning_rate = 6e-4
+max_iters = 100000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                    # 0 disables
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 100000
+min_lr = 6e-5
+# system
+device = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'                     # 'auto' (bf16 on CUDA where supported, else float32), 'float32', 'bfloat16', 'float16'
+compile = None                     # None: on for CUDA, off elsewhere
+backend = 'auto'                   # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
+peak_tflops = 0.0                  # for MFU where the device is not known (CPU); 0 = detect or leave MFU out
+# -----------------------------------------------------------------------------------------------------------
+config = configure(script_defaults(globals()), sys.argv[1:])
+globals().update(config)
+model_args = {f.name: config[f.name] for f in fields(ModelConfig)}
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# distributed setup, detected from the environment torchrun sets
+ddp = int(os.environ.get('RANK', -1)) != -1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
+if ddp:
+    rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
+    if backend == 'auto':
+        backend = 'nccl' if device_type == 'cuda' else 'gloo'
+    if device_type == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+if gradient_accumulation_steps % world_size:
+    fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the "
+         f"{world_size} processes; pick a multiple of {world_size}")
+local_accum = gradient_accumulation_steps // world_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+if compile is None:
+    compile = device_type == 'cuda'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"{world_size} process(es) on {device} ({dtype}), {tokens_per_iter:,} tokens per iteration "
+          f"= {gradient_accumulation_steps} accumulation x {batch_size} sequences x {block_size} tokens")
+
+# data: flat uint16 GPT-2 tokens. Batches are drawn from one seeded generator that every rank advances the
+# same way, each rank taking its own micro-steps of the global batch, so N processes see exactly the
+# batches one process with N times the accumulation would, and the generator's state resumes exactly.
+data_path = os.path.join(data_dir, dataset)
+for split in ('train', 'val'):
+    f = os.path.join(data_path, f'{split}.bin')
+    if not os.path.exists(f):
+        fail(f"{f} not found: make it with `python prepare.py --dataset={dataset}` "
+             f"(or `python prepare.py --files 'docs/*.txt' --name={dataset}` for local text)")
+    n = os.path.getsize(f) // 2
+    if n < block_size + 2:
+        fail(f"{f} holds {n} tokens, fewer than block_size + 2 = {block_size + 2}; prepare more data or lower block_size")
+sampler = np.random.default_rng(seed)
+
+
+def tokens(split):
+    return np.memmap(os.path.join(data_path, f'{split}.bin'), dtype=np.uint16, mode='r')  # fresh map: no leak
+
+
+def to_device(x, y):
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def batch_at(data, offsets):
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in offsets]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in offsets]))
+    return to_device(x, y)
+
+
+def train_batches():
+    """This rank's micro-batches of the next global batch."""
+    data = tokens('train')
+    offsets = sampler.integers(0, len(data) - block_size - 1, size=(gradient_accumulation_steps, batch_size))
+    return [batch_at(data, offsets[rank * local_accum + i]) for i in range(local_accum)]
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over a fixed slice of each split: eval_iters * batch_size windows spread evenly over the file,
+    shared out among the ranks and averaged over all of them."""
+    model.eval()
+    out = {}
+    for split in ('train', 'val'):
+        data = tokens(split)
+        offsets = np.linspace(0, len(data) - block_size - 1, eval_iters * batch_size).astype(np.int64)
+        total = torch.zeros(2, device=device, dtype=torch.float64)
+        for chunk in np.array_split(offsets, eval_iters)[rank::world_size]:
+            x, y = batch_at(data, chunk)
+            with autocast:
+                _, loss = model(x, y)
+            total += torch.tensor([loss.item() * len(chunk), len(chunk)], device=device, dtype=torch.float64)
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+def get_lr(it):
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def peak_flops():
+    """Dense peak FLOP/s of the device for this dtype, or None when unknown (then MFU is not printed)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device_type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    half = dtype != 'float32'
+    for key, bf16, tf32 in (('H100', 989e12, 494.5e12), ('H200', 989e12, 494.5e12), ('H20', 148e12, 74e12),
+                            ('A100', 312e12, 156e12), ('A10', 125e12, 62.5e12), ('L4', 121e12, 60e12)):
+        if key in name:
+            return bf16 if half else tf32
+    return None
+
+
+# model, optimizer, and state to resume from
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+iter_num, best_val_loss = 0, float('inf')
+if init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        fail(f"init_from='resume' but {ckpt_path} does not exist; train from scratch first or fix out_dir")
+    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    for k, v in checkpoint['model_args'].items():
+        if model_args.get(k) != v:
+            fail(f"resume: {k}={model_args.get(k)!r} here but {v!r} in {ckpt_path}; "
+                 f"resume with the same model settings or use a new out_dir")
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+elif init_from != 'scratch':
+    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+torch.manual_seed(seed)
+try:
+    model = Transformer(ModelConfig(**model_args))
+except ValueError as e:
+    fail(str(e))
+if init_from == 'resume':
+    model.load_state_dict(checkpoint['model'])
+model.to(device)
+raw_model = model
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == 'resume':
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    sampler.bit_generator.state = checkpoint['rng']['sampler']
+    torch.set_rng_state(checkpoint['rng']['torch'])
+    if device_type == 'cuda' and checkpoint['rng']['cuda'] is not None:
+        torch.cuda.set_rng_state(checkpoint['rng']['cuda'], device)
+    np.random.set_state(checkpoint['rng']['numpy'])
+    checkpoint = None
+else:
+    torch.manual_seed(seed + rank)  # dropout differs between ranks; the weights are the same (DDP broadcasts)
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+peak = peak_flops()
+if master:
+    print(f"{raw_model.get_num_params():,} parameters ({attn} + {ffn}, {n_layer} layers, d={n_embd}), "
+          f"{raw_model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token")
+
+
+def log(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def save_checkpoint():
+    """Written to a temporary file and renamed: a kill mid-write never leaves a broken ckpt.pt."""
+    state = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
+             'rng': {'sampler': sampler.bit_generator.state, 'torch': torch.get_rng_state(),
+                     'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None,
+                     'numpy': np.random.get_state()}}
+    tmp = ckpt_path + '.tmp'
+    torch.save(state, tmp)
+    os.replace(tmp, ckpt_path)
+
+
+def stop_on_nonfinite(what, value):
+    if not math.isfinite(value):
+        if master:
+            saved = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+            print(f"error: {what} is {value} at iter {iter_num}; stopping ({saved}). "
+                  f"Try a lower learning_rate, a longer warmup_iters or dtype='float32'.", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+
+
+# training loop: iteration iter_num evaluates (and checkpoints) the model after iter_num updates, then steps
+start_iter, t0, timed_iters = iter_num, time.time(), 0
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter and init_from == 'resume'):
+        losses = estimate_loss()
+        stop_on_nonfinite('validation loss', losses['val'])
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+            if losses['val'] < best_val_loss or always_save_checkpoint:
+                best_val_loss = min(best_val_loss, losses['val'])
+                if iter_num > 0:
+                    save_checkpoint()
+                    print(f"saved {ckpt_path}")
+        t0, timed_iters = time.time(), 0  # leave evaluation out of the step timing
+    if iter_num >= max_iters:
+        break
+
+    step_loss = torch.zeros((), device=device)
+    for micro_step, (x, y) in enumerate(train_batches()):
+        sync = micro_step == local_accum - 1  # all-reduce gradients on the last micro-step only
+        with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
+            _, loss = model(x, y)
+            loss = loss / local_accum  # DDP then averages over ranks: the gradient of the global batch's mean
+        step_loss += loss.detach()
+        scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    timed_iters += 1
+
+    if iter_num % log_interval == 0:
+        if ddp:
+            dist.all_reduce(step_loss)
+        lossf = step_loss.item() / world_size
+        stop_on_nonfinite('training loss', lossf)
+        t1 = time.time()
+        dt, t0, timed_iters = (t1 - t0) / timed_iters, t1, 0
+        if master:
+            mfu = f", mfu {flops_per_iter / dt / peak * 100:.1f}%" if peak else ""
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s{mfu}")
+            log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'ms_per_iter': dt * 1000,
+                 'tokens_per_s': tokens_per_iter / dt})
+
+if ddp:
+    dist.destroy_process_group()
