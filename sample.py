@@ -8,11 +8,11 @@ Sample from a trained model (ours or a released CRATE checkpoint), optionally st
 import sys
 from contextlib import nullcontext
 
-import tiktoken
 import torch
 import torch.nn.functional as F
 
 from model import configure, load_model, script_defaults
+from prepare import PrepareError, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out'                 # a checkpoint file or a directory holding ckpt.pt
@@ -59,7 +59,10 @@ except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 steering = parse_steer(steer, model)
 autocast = torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-enc = tiktoken.get_encoding('gpt2')
+try:
+    enc = gpt2_tokenizer()
+except PrepareError as e:
+    fail(str(e))
 
 
 def decode(ids):

@@ -1,0 +1,291 @@
+"""
+Text -> data/<name>/train.bin and val.bin: flat uint16 GPT-2 tokens (tiktoken 'gpt2'), each document followed
+by <|endoftext|> (50256), and meta.json, written last.
+
+    python prepare.py                                    # the Pile (the paper's data), streamed from the hub
+    python prepare.py --dataset=tinystories
+    python prepare.py --files 'notes/*.txt' 'papers/*.jsonl' --name=mine --train_tokens=all
+"""
+
+import argparse
+import glob
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+
+EOT = 50256
+HUB = {  # name: (hub path, config, train split, val split or None to hold out by hash, default budgets)
+    'pile': ('monology/pile-uncopyrighted', None, 'train', 'validation', (3_000_000_000, 10_000_000)),
+    'fineweb-edu': ('HuggingFaceFW/fineweb-edu', 'sample-10BT', 'train', None, (3_000_000_000, 10_000_000)),
+    'tinystories': ('roneneldan/TinyStories', None, 'train', 'validation', (600_000_000, 10_000_000)),
+}
+BATCH_CHARS = 4_000_000  # text tokenized per batch: bounds memory, keeps every thread busy
+
+
+class PrepareError(Exception):
+    pass
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--dataset', default='pile', help=f"one of {', '.join(HUB)} (ignored with --files)")
+    p.add_argument('--files', nargs='+', metavar='GLOB', help='local .txt, .jsonl/.json or .parquet files instead')
+    p.add_argument('--name', help='output name: data/<name>/ (default: the dataset, or "local" with --files)')
+    p.add_argument('--out_dir', help='output folder (default data/<name>)')
+    p.add_argument('--train_tokens', default=None, help="token budget for train.bin, or 'all'")
+    p.add_argument('--val_tokens', default=None, help="token budget for val.bin, or 'all'")
+    p.add_argument('--val_fraction', type=float, default=0.01, help='share of documents held out for val, by hash')
+    p.add_argument('--split_by', choices=('file', 'paragraph'), default='file', help='.txt: a document is a file or a paragraph')
+    p.add_argument('--text_field', default='text', help='the text field of .jsonl/.json/.parquet records')
+    p.add_argument('--num_proc', type=int, default=os.cpu_count(), help='tokenizer threads')
+    p.add_argument('--force', action='store_true', help='redo a finished output')
+    return p.parse_args(argv)
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE; it downloads its files once, or reads them from TIKTOKEN_CACHE_DIR."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:
+        raise PrepareError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): tiktoken downloads its files once; "
+                           f"offline, point TIKTOKEN_CACHE_DIR at a folder that holds them")
+
+
+def budget(value, default):
+    if value is None:
+        return default
+    if value == 'all':
+        return None
+    try:
+        n = int(float(value))
+    except ValueError:
+        raise PrepareError(f"token budget {value!r} is not a number; use e.g. 1e9 or 'all'")
+    if n <= 0:
+        raise PrepareError(f"token budget must be positive, got {value}")
+    return n
+
+
+def is_val(text, fraction):
+    """A stable choice by content: a document stays in its split when other files are added."""
+    h = int.from_bytes(hashlib.blake2b(text.encode('utf-8'), digest_size=8).digest(), 'little')
+    return h < fraction * 2 ** 64
+
+
+# --- sources: iterables of document texts ------------------------------------------------------------------
+
+def expand(globs):
+    files = []
+    for g in globs:
+        found = sorted(glob.glob(os.path.expanduser(g), recursive=True))
+        if not found:
+            raise PrepareError(f"--files {g!r} matches no file")
+        files += [f for f in found if os.path.isfile(f)]
+    for f in files:
+        if not f.endswith(('.txt', '.jsonl', '.json', '.parquet')):
+            raise PrepareError(f"{f}: unsupported file type; use .txt, .jsonl, .json or .parquet")
+    return list(dict.fromkeys(files))
+
+
+def field(record, key, where):
+    if not isinstance(record, dict) or key not in record:
+        raise PrepareError(f"{where} has no field {key!r}; name the text field with --text_field")
+    return record[key]
+
+
+def local_documents(files, split_by, text_field):
+    for f in files:
+        if f.endswith('.txt'):
+            with open(f, encoding='utf-8', errors='replace') as fh:
+                if split_by == 'file':
+                    yield fh.read()
+                    continue
+                para = []
+                for line in itertools.chain(fh, ['\n']):
+                    if line.strip():
+                        para.append(line)
+                    elif para:
+                        yield ''.join(para).strip('\n')
+                        para = []
+        elif f.endswith('.parquet'):
+            import pyarrow.parquet as pq
+            pf = pq.ParquetFile(f)
+            if text_field not in pf.schema_arrow.names:
+                raise PrepareError(f"{f} has no field {text_field!r}; name the text field with --text_field")
+            for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+                yield from batch.column(0).to_pylist()
+        else:  # .jsonl, or .json holding either JSON lines or one array of records
+            with open(f, encoding='utf-8') as fh:
+                if fh.read(1) == '[':
+                    fh.seek(0)
+                    for i, rec in enumerate(json.load(fh)):
+                        yield field(rec, text_field, f"{f} record {i}")
+                    continue
+                fh.seek(0)
+                for i, line in enumerate(fh, 1):
+                    if line.strip():
+                        yield field(json.loads(line), text_field, f"{f} line {i}")
+
+
+def hub_documents(name, split):
+    """Stream one split of a hub dataset; nothing is downloaded beyond what is read."""
+    import datasets
+    path, config, *_ = HUB[name]
+    try:
+        ds = datasets.load_dataset(path, config, split=split, streaming=True)
+        it = iter(ds)
+        first = next(it)
+    except (ConnectionError, OSError) as e:
+        raise PrepareError(f"cannot reach the Hugging Face hub for {path} ({type(e).__name__}); without the network "
+                           f"prepare local text instead: python prepare.py --files 'docs/*.txt'")
+    for rec in itertools.chain([first], it):
+        yield rec['text']
+
+
+# --- the writer ----------------------------------------------------------------------------------------------
+
+def tokenize_into(docs, route, budgets, out_dir, num_proc, counts):
+    """Tokenize docs in parallel batches and append them to out_dir/<split>.bin.tmp, each followed by EOT.
+    route(text) names a document's split; budgets {split: tokens or None} names the splits this pass fills.
+    Stops as soon as every split is full; the last document is cut to make the budget exact."""
+    from tqdm import tqdm
+    enc = gpt2_tokenizer()
+    files = {s: open(os.path.join(out_dir, f'{s}.bin.tmp'), 'ab') for s in budgets}
+    room = lambda s: float('inf') if budgets[s] is None else budgets[s] - counts[s]['tokens']
+    total = None if None in budgets.values() else sum(budgets.values())
+    bar = tqdm(total=total, unit='tok', unit_scale=True, desc=', '.join(budgets), file=sys.stderr, mininterval=1)
+    t0, nbytes = time.time(), 0
+    try:
+        docs = iter(docs)
+        while any(room(s) > 0 for s in budgets):
+            batch, size = [], 0
+            for text in docs:
+                s = route(text)
+                if s in budgets and room(s) > 0 and text:
+                    batch.append((s, text))
+                    size += len(text)
+                    if size >= BATCH_CHARS:
+                        break
+            if not batch:
+                break
+            nbytes += sum(len(t.encode('utf-8')) for _, t in batch)
+            tokens = enc.encode_ordinary_batch([t for _, t in batch], num_threads=num_proc)
+            for s in budgets:
+                docs_s = [tok + [EOT] for (si, _), tok in zip(batch, tokens) if si == s]
+                if not docs_s or room(s) <= 0:
+                    continue
+                arr = np.fromiter(itertools.chain.from_iterable(docs_s), dtype=np.uint16)
+                arr = arr[:int(min(room(s), len(arr)))]
+                arr.tofile(files[s])
+                sizes = np.array([len(d) for d in docs_s])
+                counts[s]['documents'] += int((np.cumsum(sizes) - sizes < len(arr)).sum())  # begun before the cut
+                counts[s]['tokens'] += len(arr)
+                bar.update(len(arr))
+            bar.set_postfix_str(f"{nbytes / 1e6 / (time.time() - t0):.1f} MB/s")
+    finally:
+        bar.close()
+        for fh in files.values():
+            fh.close()
+    return nbytes
+
+
+def prepare(args, hub_docs=hub_documents):
+    """Make the output folder's train.bin, val.bin and meta.json; hub_docs(name, split) yields texts."""
+    name = args.name or ('local' if args.files else args.dataset)
+    out_dir = args.out_dir or os.path.join('data', name)
+    if args.files:
+        files = expand(args.files)
+        defaults, source = (None, None), {'files': files}
+    else:
+        if args.dataset not in HUB:
+            raise PrepareError(f"unknown dataset {args.dataset!r}; choose one of {', '.join(HUB)} or pass --files")
+        defaults, source = HUB[args.dataset][4], {'hub': HUB[args.dataset][0], 'config': HUB[args.dataset][1]}
+    budgets = {'train': budget(args.train_tokens, defaults[0]), 'val': budget(args.val_tokens, defaults[1])}
+    if args.num_proc < 1:
+        raise PrepareError(f"--num_proc must be at least 1, got {args.num_proc}")
+    if not 0 < args.val_fraction < 1:
+        raise PrepareError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+
+    settings = {'source': source, 'budgets': budgets, 'val_fraction': args.val_fraction, 'split_by': args.split_by,
+                'text_field': args.text_field}
+    meta_path = os.path.join(out_dir, 'meta.json')
+    if os.path.exists(meta_path) and not args.force:
+        with open(meta_path) as f:
+            if json.load(f).get('settings') == settings:
+                print(f"{out_dir} is already prepared with these settings; nothing to do (--force to redo)")
+                return None
+    os.makedirs(out_dir, exist_ok=True)
+    # disk: two bytes a token; a local source needs at most about as many bytes as its text
+    need = 2 * sum(b for b in budgets.values() if b is not None)
+    if args.files and None in budgets.values():
+        need += sum(os.path.getsize(f) for f in files)
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        raise PrepareError(f"{out_dir} has {free / 1e9:.1f} GB free but the budget needs about {need / 1e9:.1f} GB; "
+                           f"free space or lower --train_tokens")
+
+    gpt2_tokenizer()  # fail here, before any file is touched
+    tmp = {s: os.path.join(out_dir, f'{s}.bin.tmp') for s in ('train', 'val')}
+    counts = {s: {'tokens': 0, 'documents': 0} for s in ('train', 'val')}
+    t0 = time.time()
+    try:
+        for f in tmp.values():
+            open(f, 'wb').close()
+        if args.files:
+            docs = local_documents(files, args.split_by, args.text_field)
+            route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
+            nbytes = tokenize_into(docs, route, budgets, out_dir, args.num_proc, counts)
+        else:
+            _, _, train_split, val_split, _ = HUB[args.dataset]
+            if val_split:
+                nbytes = tokenize_into(hub_docs(args.dataset, val_split), lambda t: 'val', {'val': budgets['val']},
+                                       out_dir, args.num_proc, counts)
+                nbytes += tokenize_into(hub_docs(args.dataset, train_split), lambda t: 'train',
+                                        {'train': budgets['train']}, out_dir, args.num_proc, counts)
+            else:
+                route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
+                nbytes = tokenize_into(hub_docs(args.dataset, train_split), route, budgets, out_dir,
+                                       args.num_proc, counts)
+        for s in ('train', 'val'):
+            if counts[s]['tokens'] == 0:
+                hint = (" (every document went to train: add documents, use --split_by paragraph or raise "
+                        "--val_fraction)" if s == 'val' and counts['train']['tokens'] else "")
+                raise PrepareError(f"the {s} split is empty: the source gave it no text{hint}")
+        # finished: swap the new files in, meta.json last so that it only ever describes complete files
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for s in ('train', 'val'):
+            os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
+    finally:
+        for f in tmp.values():
+            if os.path.exists(f):
+                os.remove(f)
+    seconds = time.time() - t0
+    meta = {'settings': settings, 'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT, 'dtype': 'uint16',
+            'splits': counts, 'text_bytes': nbytes, 'seconds': round(seconds, 2), 'num_proc': args.num_proc,
+            'command': ' '.join(['python', 'prepare.py'] + sys.argv[1:])}
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + '.tmp', meta_path)
+    print(f"wrote {out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
+          f"val {counts['val']['tokens']:,} tokens ({counts['val']['documents']:,} documents); "
+          f"{nbytes / 1e6:.1f} MB of text in {seconds:.1f} s = {nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
+    return meta
+
+
+if __name__ == '__main__':
+    try:
+        prepare(parse_args(sys.argv[1:]))
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was finished, no meta.json written", file=sys.stderr)
+        sys.exit(130)

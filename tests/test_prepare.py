@@ -1,0 +1,173 @@
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run
+
+import prepare as P
+
+EOT = 50256
+
+
+def docs_of(folder, split):
+    """The documents in a .bin, decoded: EOT-separated runs of tokens."""
+    enc = P.gpt2_tokenizer()
+    toks = np.fromfile(os.path.join(folder, f'{split}.bin'), dtype=np.uint16).tolist()
+    out, cur = [], []
+    for t in toks:
+        if t == EOT:
+            out.append(enc.decode(cur))
+            cur = []
+        else:
+            cur.append(t)
+    assert not cur, 'a complete output ends with <|endoftext|>'
+    return out
+
+
+def make_docs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'while', 'dogs', 'ran', 'über', '<|endoftext|>', 'naïve', '42']
+    return [' '.join(rng.choice(words, size=rng.integers(3, 30))).capitalize() + '.' for _ in range(n)]
+
+
+def prep(*argv, hub_docs=P.hub_documents):
+    return P.prepare(P.parse_args(list(argv)), hub_docs=hub_docs)
+
+
+@pytest.fixture
+def sources(tmp_path):
+    docs = make_docs(120)
+    d = tmp_path / 'src'
+    d.mkdir()
+    for i, text in enumerate(docs[:40]):                       # .txt, one document per file
+        (d / f'{i:03d}.txt').write_text(text)
+    with open(d / 'b.jsonl', 'w') as f:                        # .jsonl
+        for text in docs[40:80]:
+            f.write(json.dumps({'text': text, 'id': 1}) + '\n')
+    pq.write_table(pa.table({'text': docs[80:110]}), d / 'c.parquet')
+    (d / 'd.json').write_text(json.dumps([{'text': t} for t in docs[110:]]))  # .json array
+    return d, docs
+
+
+def test_local_files_round_trip_and_split(sources, tmp_path):
+    d, docs = sources
+    out = tmp_path / 'out'
+    meta = prep('--files', str(d / '*.txt'), str(d / '*.jsonl'), str(d / '*.parquet'), str(d / '*.json'),
+                '--out_dir', str(out), '--val_fraction=0.3', '--train_tokens=all', '--val_tokens=all')
+    train, val = docs_of(out, 'train'), docs_of(out, 'val')
+    assert sorted(train + val) == sorted(docs)                 # every document, exactly, once
+    assert not set(train) & set(val) and 10 < len(val) < 60
+    assert all(P.is_val(t, 0.3) for t in val) and not any(P.is_val(t, 0.3) for t in train)
+    assert meta['splits']['train']['documents'] == len(train) and meta['splits']['val']['documents'] == len(val)
+    assert meta['splits']['train']['tokens'] == os.path.getsize(out / 'train.bin') // 2
+    first = (out / 'train.bin').read_bytes()
+    prep('--files', str(d / '*.txt'), str(d / '*.jsonl'), str(d / '*.parquet'), str(d / '*.json'),
+         '--out_dir', str(out), '--val_fraction=0.3', '--train_tokens=all', '--val_tokens=all', '--force')
+    assert (out / 'train.bin').read_bytes() == first           # deterministic
+    assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
+
+
+def test_split_is_stable_when_files_are_added(sources, tmp_path):
+    d, docs = sources
+    prep('--files', str(d / '0[0-1]*.txt'), '--out_dir', str(tmp_path / 'a'), '--val_fraction=0.3')
+    prep('--files', str(d / '*.txt'), '--out_dir', str(tmp_path / 'b'), '--val_fraction=0.3')
+    assert set(docs_of(tmp_path / 'a', 'val')) <= set(docs_of(tmp_path / 'b', 'val'))
+    assert set(docs_of(tmp_path / 'a', 'train')) <= set(docs_of(tmp_path / 'b', 'train'))
+
+
+def test_paragraph_split(tmp_path):
+    paras = ['First para\nline two.'] + [f'Paragraph {i}.' for i in range(10)]
+    (tmp_path / 'a.txt').write_text('\n\n\n'.join(paras[:2]) + '\n  \n' + '\n\n'.join(paras[2:]) + '\n')
+    out = tmp_path / 'o'
+    prep('--files', str(tmp_path / 'a.txt'), '--split_by', 'paragraph', '--out_dir', str(out), '--val_fraction=0.5')
+    assert sorted(docs_of(out, 'train') + docs_of(out, 'val')) == sorted(paras)
+
+
+def test_budgets_are_exact(sources, tmp_path):
+    d, _ = sources
+    meta = prep('--files', str(d / '*.jsonl'), str(d / '*.txt'), '--out_dir', str(tmp_path / 'o'),
+                '--train_tokens=137', '--val_tokens=61', '--val_fraction=0.3')
+    assert os.path.getsize(tmp_path / 'o' / 'train.bin') == 2 * 137
+    assert os.path.getsize(tmp_path / 'o' / 'val.bin') == 2 * 61
+    assert meta['splits']['train']['tokens'] == 137 and meta['splits']['val']['tokens'] == 61
+
+
+def fake_hub(streams, stop_after=None):
+    """An in-memory stand-in for the hub's streaming reader: {split: [texts]}."""
+    def hub_docs(name, split):
+        for i, text in enumerate(streams[split]):
+            if stop_after is not None and i == stop_after:
+                raise KeyboardInterrupt
+            yield text
+    return hub_docs
+
+
+def test_hub_with_its_own_validation_split(tmp_path):
+    train, val = make_docs(200, 1), make_docs(50, 2)
+    out = tmp_path / 'pile'
+    meta = prep('--dataset=pile', '--out_dir', str(out), '--train_tokens=all', '--val_tokens=300',
+                hub_docs=fake_hub({'train': train, 'validation': val}))
+    assert docs_of(out, 'train') == train
+    assert os.path.getsize(out / 'val.bin') == 600 and meta['settings']['source']['hub'] == 'monology/pile-uncopyrighted'
+    got = np.fromfile(out / 'val.bin', dtype=np.uint16)
+    enc = P.gpt2_tokenizer()
+    want = [t for text in val for t in enc.encode_ordinary(text) + [EOT]][:300]
+    assert got.tolist() == want                                # streamed in order, cut to the token
+
+
+def test_hub_without_validation_split_holds_out_by_hash(tmp_path):
+    docs = make_docs(300, 3)
+    out = tmp_path / 'fw'
+    prep('--dataset=fineweb-edu', '--out_dir', str(out), '--train_tokens=all', '--val_tokens=all',
+         '--val_fraction=0.2', hub_docs=fake_hub({'train': docs}))
+    assert sorted(docs_of(out, 'train') + docs_of(out, 'val')) == sorted(docs)
+    assert all(P.is_val(t, 0.2) for t in docs_of(out, 'val'))
+
+
+def test_interrupted_run_leaves_nothing_half_written(tmp_path):
+    out = tmp_path / 'ts'
+    with pytest.raises(KeyboardInterrupt):
+        prep('--dataset=tinystories', '--out_dir', str(out), '--val_tokens=all',
+             hub_docs=fake_hub({'train': make_docs(100), 'validation': make_docs(100)}, stop_after=50))
+    assert os.listdir(out) == []
+    prep('--dataset=tinystories', '--out_dir', str(out), hub_docs=fake_hub({'train': make_docs(9), 'validation': make_docs(9, 1)}))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(KeyboardInterrupt):                      # an interrupted redo keeps the finished data
+        prep('--dataset=tinystories', '--out_dir', str(out), '--force',
+             hub_docs=fake_hub({'train': make_docs(100), 'validation': make_docs(100)}, stop_after=50))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_rerun_does_nothing_unless_forced(sources, tmp_path, capsys):
+    d, _ = sources
+    args = ['--files', str(d / '*.jsonl'), '--out_dir', str(tmp_path / 'o'), '--val_fraction=0.3']
+    assert prep(*args) is not None
+    assert prep(*args) is None and 'already prepared' in capsys.readouterr().out
+    assert prep(*args, '--force') is not None
+    assert prep(*args, '--val_fraction=0.4') is not None       # other settings: redone
+
+
+@pytest.mark.parametrize('make, argv, message', [
+    (None, ['--dataset=wikipedia'], "unknown dataset 'wikipedia'; choose one of pile, fineweb-edu, tinystories"),
+    (None, ['--files', 'nowhere/*.txt'], "--files 'nowhere/*.txt' matches no file"),
+    ({'a.jsonl': '{"body": "x"}\n'}, ['--files', '{d}/a.jsonl'], "a.jsonl line 1 has no field 'text'"),
+    ({'a.txt': ''}, ['--files', '{d}/a.txt'], 'the train split is empty'),
+    ({'a.txt': 'one document'}, ['--files', '{d}/a.txt', '--val_fraction=0.001'], 'the val split is empty'),
+    ({'a.txt': 'x'}, ['--files', '{d}/a.txt', '--train_tokens=1e15'], 'GB free but the budget needs about'),
+    ({'a.csv': 'x'}, ['--files', '{d}/a.csv'], 'unsupported file type'),
+    (None, ['--dataset=tinystories'], "cannot reach the Hugging Face hub for roneneldan/TinyStories"),
+])
+def test_errors_are_one_line_with_exit_code_2(tmp_path, make, argv, message):
+    for name, text in (make or {}).items():
+        (tmp_path / name).write_text(text)
+    out = tmp_path / 'out'
+    p = run('prepare.py', *[a.replace('{d}', str(tmp_path)) for a in argv], '--out_dir', str(out), check=False,
+            env={'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'})
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    lines = p.stderr.rstrip().split('\n')                   # a progress bar may come before it (it uses \r)
+    assert 'Traceback' not in p.stderr and lines[-1].startswith('error: ') and len(lines) <= 2
+    assert not out.exists() or os.listdir(out) == []
