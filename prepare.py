@@ -145,8 +145,7 @@ def hub_documents(name, split):
     except (ConnectionError, OSError) as e:
         raise PrepareError(f"cannot reach the Hugging Face hub for {path} ({type(e).__name__}); without the network "
                            f"prepare local text instead: python prepare.py --files 'docs/*.txt'")
-    for rec in itertools.chain([first], it):
-        yield rec['text']
+    return (rec['text'] for rec in itertools.chain([first], it))
 
 
 # --- the writer ----------------------------------------------------------------------------------------------
