@@ -1,0 +1,573 @@
+"""
+How interpretable are a model's neurons? The automated explain -> simulate -> score loop.
+
+    python interpret.py --ckpt=out-crate-1l --data=data/pile --layers=all --neurons=200 --protocol=all
+    python interpret.py --compare out-crate-1l/interp out-gpt2-1l/interp
+
+1. Record: run the model over the first N block_size sequences of val.bin (one flattened token stream) and keep,
+   for each selected neuron, the excerpts of each protocol with its activation on every token.
+2. Explain each neuron from its explanation set, simulate its activations on the scoring set from that
+   explanation, and score the simulation: the Pearson correlation with the true activations, pooled over tokens.
+3. Report: neurons.jsonl, summary.json, summary.md and report.html in <out>.
+
+Protocols (record indices within a neuron's excerpts):
+    OpenAI (N = 8000, 64-token excerpts [pos-32, pos+32)): 50 top positions, then 50 uniformly random ones.
+        explanation: top 0, 2, 4, 6, 8
+        top_and_random scoring: top 1, 3, 5, 7, 9 + random 0, 2, 4, 6, 8;  random_only: random 0, 2, 4, 6, 8
+    Anthropic (N = 800, 8-token excerpts [pos-4, pos+4)): top 50, random 50, then 20 random positions from each of
+        the 11 equal-count bands below the top twelfth of the ranked N*T positions.
+        explanation: top 0-14, items 0-1 of each band, random 0-4
+        scoring: top 15-24, items 2-3 of each band, random 5-9, and top 25-34 cut to 3 tokens (out of context)
+
+--simulator=tokens is a token-lookup baseline that needs no LLM: its "explanation" is the mean 0-10 activation of
+each token id in the explanation set, and it predicts that value for each token (0 if unseen). It is labelled as
+such in every report; it is not the paper's LLM metric.
+"""
+
+import html
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import configure, load_model, script_defaults
+
+# -----------------------------------------------------------------------------------------------------------
+ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
+data = 'data/pile'           # folder holding val.bin (prepare.py)
+out = ''                     # default: <checkpoint folder>/interp
+layers = 'all'               # 'all' or a comma list, e.g. '0,2'
+neurons = 'all'              # 'all' or how many per layer, a seeded random sample
+protocol = 'all'             # 'openai', 'anthropic' or 'all'
+n_openai = 8000              # sequences for the OpenAI protocol (the paper's N)
+n_anthropic = 800            # sequences for the Anthropic protocol (a prefix of the same stream)
+seq_len = 0                  # 0: the model's block_size
+batch_size = 8               # sequences per forward pass
+seed = 0
+simulator = 'tokens'         # 'tokens': the token-lookup baseline (needs no LLM)
+anthropic_max_gb = 2.0       # memory for the Anthropic ranking: (N*T) x neurons-per-chunk x 16 bytes at most
+bench = False                # time a plain forward pass against the recording pass and exit
+device = 'auto'
+dtype = 'float32'            # 'float32' or 'bfloat16' (recording)
+# -----------------------------------------------------------------------------------------------------------
+
+TOP, RAND, BANDS, BAND_ITEMS = 50, 50, 11, 20
+WINDOW = {'openai': (32, 32), 'anthropic': (4, 4)}   # tokens before pos, from pos on
+EVEN = [0, 2, 4, 6, 8]
+SETS = {  # scoring method -> (protocol, explanation records, scoring records); 'ooc:i' = record i cut to 3 tokens
+    'top_and_random': ('openai', EVEN, [1, 3, 5, 7, 9] + [TOP + i for i in EVEN]),
+    'random_only': ('openai', EVEN, [TOP + i for i in EVEN]),
+    'anthropic': ('anthropic',
+                  list(range(15)) + [TOP + RAND + BAND_ITEMS * b + i for b in range(BANDS) for i in (0, 1)]
+                  + [TOP + i for i in range(5)],
+                  list(range(15, 25)) + [TOP + RAND + BAND_ITEMS * b + i for b in range(BANDS) for i in (2, 3)]
+                  + [TOP + i for i in range(5, 10)] + [f'ooc:{i}' for i in range(25, 35)]),
+}
+METHODS = {'openai': ['top_and_random', 'random_only'], 'anthropic': ['anthropic']}
+
+
+class InterpretError(Exception):
+    pass
+
+
+# --- recording ------------------------------------------------------------------------------------------------
+
+def read_stream(data_dir, n_seq, T):
+    """The first n_seq non-overlapping length-T sequences of val.bin, (n, T) int64."""
+    path = os.path.join(data_dir, 'val.bin')
+    if not os.path.exists(path):
+        raise InterpretError(f"{path} not found: make it with `python prepare.py` (or --files) and pass --data=FOLDER")
+    val = np.memmap(path, dtype=np.uint16, mode='r')
+    n = min(n_seq, len(val) // T)
+    if n == 0:
+        raise InterpretError(f"{path} holds {len(val)} tokens, less than one sequence of {T}; lower --seq_len")
+    return np.asarray(val[:n * T], dtype=np.int64).reshape(n, T)
+
+
+def forward_neurons(model, seqs, device, autocast):
+    """Yield (first sequence index, [per-layer neurons (B, T, h)]) over seqs in batches."""
+    for i in range(0, len(seqs), batch_size):
+        x = torch.from_numpy(seqs[i:i + batch_size]).to(device)
+        with torch.no_grad(), autocast:
+            _, _, acts = model(x, return_neurons=True)
+        yield i, acts
+
+
+def window_positions(pos, protocol, P):
+    """(..., w) stream positions of the excerpts around pos, -1 where clipped at the stream's ends."""
+    before, after = WINDOW[protocol]
+    w = pos[..., None] + np.arange(-before, after)
+    return np.where((w >= 0) & (w < P), w, -1)
+
+
+def random_positions(P, k, *key):
+    """k distinct uniform positions, seeded by (seed, *key) so that every neuron has its own."""
+    return np.random.default_rng([seed, *key]).choice(P, size=k, replace=False)
+
+
+def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
+    """Running top-50 per neuron on the device (memory: neurons x 50, whatever N), then a second pass over only
+    the sequences that hold an excerpt token, to read the excerpts' activations."""
+    n_seq, T = seqs.shape
+    P = n_seq * T
+    k = min(TOP, P)
+    top = {l: (torch.full((k, len(cols[l])), -float('inf'), device=dev),
+               torch.zeros((k, len(cols[l])), dtype=torch.long, device=dev)) for l in layer_ids}
+    col_t = {l: torch.as_tensor(cols[l], device=dev) for l in layer_ids}
+    for i, acts in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
+                        desc='openai: top activations', unit='batch', file=sys.stderr):
+        for l in layer_ids:
+            full = acts[l].float().reshape(-1, acts[l].shape[-1])
+            update_stats(stats[l], full)
+            a = full[:, col_t[l]]
+            pos = torch.arange(i * T, i * T + a.shape[0], device=dev)[:, None].expand_as(a)
+            vals, idx = torch.topk(torch.cat([top[l][0], a]), k, dim=0)
+            top[l] = (vals, torch.gather(torch.cat([top[l][1], pos]), 0, idx))
+    records = {}
+    for l in layer_ids:
+        top_pos = top[l][1].T.cpu().numpy()                                   # (n, 50), ranks 0..49
+        rand_pos = np.stack([random_positions(P, min(RAND, P), 0, l, j) for j in cols[l]])
+        records[l] = {'pos': np.concatenate([top_pos, rand_pos], 1)}
+        records[l]['win'] = window_positions(records[l]['pos'], 'openai', P)
+    gather_windows(model, seqs, records, cols, dev, autocast)
+    return records
+
+
+def gather_windows(model, seqs, records, cols, dev, autocast):
+    """Fill records[l]['acts'] with the neuron's activation at every window position, running the model only on
+    the sequences those positions fall in. Memory: the records themselves."""
+    T = seqs.shape[1]
+    need = np.unique(np.concatenate([r['win'][r['win'] >= 0] // T for r in records.values()]))
+    order = {}
+    for l, r in records.items():
+        flat, neuron = r['win'].reshape(-1), np.broadcast_to(np.arange(len(cols[l]))[:, None, None], r['win'].shape).reshape(-1)
+        keep = np.flatnonzero(flat >= 0)
+        keep = keep[np.argsort(flat[keep], kind='stable')]
+        order[l] = (keep, flat[keep], neuron[keep])
+        r['acts'] = np.full(r['win'].shape, np.nan, dtype=np.float32)
+    for b in tqdm(range(0, len(need), batch_size), desc='openai: excerpts', unit='batch', file=sys.stderr):
+        ids = need[b:b + batch_size]
+        x = torch.from_numpy(seqs[ids]).to(dev)
+        with torch.no_grad(), autocast:
+            _, _, acts = model(x, return_neurons=True)
+        row_of = {s: j for j, s in enumerate(ids)}
+        lo, hi = ids[0] * T, (ids[-1] + 1) * T
+        for l, (keep, flat, neuron) in order.items():
+            s, e = np.searchsorted(flat, lo), np.searchsorted(flat, hi)
+            p, nr = flat[s:e], neuron[s:e]
+            rows = np.array([row_of.get(q, -1) for q in p // T])
+            ok = rows >= 0
+            a = acts[l].float()[:, :, torch.as_tensor(cols[l], device=dev)]
+            vals = a[torch.as_tensor(rows[ok], device=dev), torch.as_tensor(p[ok] % T, device=dev),
+                     torch.as_tensor(nr[ok], device=dev)].cpu().numpy()
+            records[l]['acts'].reshape(-1)[keep[s:e][ok]] = vals
+
+
+def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
+    """The rank bands need each neuron's activations on all N*T positions. Memory bound: neurons are taken in
+    chunks of c so that the (N*T, c) float32 activations, their int64 sort order and one copy of the values
+    (16 bytes an entry) stay under anthropic_max_gb; each chunk is one forward pass over the N sequences."""
+    n_seq, T = seqs.shape
+    P = n_seq * T
+    if P < 12 * BAND_ITEMS:
+        raise InterpretError(f"the Anthropic protocol needs at least {12 * BAND_ITEMS} tokens; raise --n_anthropic")
+    chunk = max(1, int(anthropic_max_gb * 1e9 // (16 * P)))
+    edges = [P * b // 12 for b in range(13)]      # rank cuts at 0, 1/12, ..., 12/12
+    records = {}
+    for l in layer_ids:
+        pos = np.zeros((len(cols[l]), TOP + RAND + BANDS * BAND_ITEMS), dtype=np.int64)
+        acts = np.zeros(pos.shape + (sum(WINDOW['anthropic']),), dtype=np.float32)
+        win = window_positions(pos, 'anthropic', P)
+        for c0 in range(0, len(cols[l]), chunk):
+            cc = torch.as_tensor(cols[l][c0:c0 + chunk], device=dev)
+            M = torch.empty((P, len(cc)), dtype=torch.float32)
+            for i, a in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
+                             desc=f'anthropic: layer {l}', unit='batch', file=sys.stderr):
+                if stats is not None and c0 == 0:
+                    update_stats(stats[l], a[l].float().reshape(-1, a[l].shape[-1]))
+                M[i * T:i * T + a[l].shape[0] * T] = a[l].float()[:, :, cc].reshape(-1, len(cc)).cpu()
+            order = torch.sort(M, dim=0, descending=True, stable=True).indices.numpy()   # ranks -> positions
+            for j in range(len(cc)):
+                n = c0 + j
+                neuron = cols[l][n]
+                rng = np.random.default_rng([seed, 1, l, neuron])
+                bands = [order[rng.choice(np.arange(edges[b], edges[b + 1]), BAND_ITEMS, replace=False), j]
+                         for b in range(1, 12)]
+                pos[n] = np.concatenate([order[:TOP, j], random_positions(P, RAND, 2, l, neuron), *bands])
+                win[n] = window_positions(pos[n], 'anthropic', P)
+                acts[n] = np.where(win[n] >= 0, M[:, j].numpy()[np.maximum(win[n], 0)], np.nan)
+            del M, order
+        records[l] = {'pos': pos, 'win': win, 'acts': acts}
+    return records
+
+
+def update_stats(s, a):
+    """Accumulate LLM-free statistics of one layer from (positions, h) activations."""
+    nz = a != 0
+    s['tokens'] = s.get('tokens', 0) + a.shape[0]
+    s['nonzero'] = s.get('nonzero', 0) + nz.sum().item()
+    alive = nz.any(0).cpu()
+    s['alive'] = alive if 'alive' not in s else s['alive'] | alive
+
+
+def save_records(folder, l, cols, recs, tokens):
+    arrays = {'neurons': np.asarray(cols)}
+    for p, r in recs.items():
+        flat = tokens.reshape(-1)
+        arrays[f'{p}_pos'] = r['pos']
+        arrays[f'{p}_tokens'] = np.where(r['win'] >= 0, flat[np.maximum(r['win'], 0)], -1).astype(np.int32)
+        arrays[f'{p}_acts'] = r['acts']
+    tmp = os.path.join(folder, f'records_L{l}.tmp.npz')
+    np.savez(tmp, **arrays)
+    os.replace(tmp, os.path.join(folder, f'records_L{l}.npz'))
+
+
+# --- scoring --------------------------------------------------------------------------------------------------
+
+def excerpts(rec, protocol, items, n):
+    """[(token ids, activations)] of neuron row n for record items (ints, or 'ooc:i' for the 3 tokens around
+    the peak of record i), padding removed."""
+    toks, acts = rec[f'{protocol}_tokens'][n], rec[f'{protocol}_acts'][n]
+    peak = WINDOW[protocol][0]
+    out = []
+    for it in items:
+        if isinstance(it, str):
+            i = int(it.split(':')[1])
+            t, a = toks[i, peak - 1:peak + 2], acts[i, peak - 1:peak + 2]
+        else:
+            t, a = toks[it], acts[it]
+        keep = t >= 0
+        out.append((t[keep].tolist(), a[keep].astype(np.float64)))
+    return out
+
+
+def quantize(a, m):
+    """Activations as the explainer and simulator see them: integers 0-10, floor(10 * max(a, 0) / m)."""
+    return np.floor(10 * np.maximum(a, 0) / m).astype(np.int64).clip(0, 10)
+
+
+def pearson(x, y):
+    """Pearson correlation of the pooled values, or None when either side is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx, dy = x - x.mean(), y - y.mean()
+    den = math.sqrt((dx * dx).sum() * (dy * dy).sum())
+    return None if den == 0 or not math.isfinite(den) else float((dx * dy).sum() / den)
+
+
+def explain_tokens(expl, m):
+    """Token-lookup baseline explanation: the mean 0-10 activation of each token id in the explanation set."""
+    sums, counts = {}, {}
+    for toks, a in expl:
+        for t, q in zip(toks, quantize(a, m)):
+            sums[t] = sums.get(t, 0) + int(q)
+            counts[t] = counts.get(t, 0) + 1
+    return {t: sums[t] / counts[t] for t in sums}
+
+
+def simulate_tokens(table, scoring):
+    return [np.array([table.get(t, 0.0) for t in toks]) for toks, _ in scoring]
+
+
+def score_neuron(rec, n, protocol, decode):
+    """Explain, simulate and score one neuron under every scoring method of a protocol."""
+    out = {}
+    for method in METHODS[protocol]:
+        _, expl_items, score_items = SETS[method]
+        expl = excerpts(rec, protocol, expl_items, n)
+        m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
+        if not m > 0:
+            out[method] = {'dead': True, 'score': None, 'explanation': None}
+            continue
+        table = explain_tokens(expl, m)
+        scoring = excerpts(rec, protocol, score_items, n)
+        preds = simulate_tokens(table, scoring)
+        true = np.concatenate([a for _, a in scoring])
+        score = pearson(true, np.concatenate(preds))
+        top = sorted(table.items(), key=lambda kv: -kv[1])[:5]
+        out[method] = {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m,
+                       'explanation': 'tokens: ' + ', '.join(f"{decode([t])!r} {v:.1f}" for t, v in top),
+                       'show': [(toks, a.tolist(), p.tolist()) for (toks, a), p in zip(scoring[:3], preds[:3])]}
+    return out
+
+
+def summarize(per_layer_scores):
+    """{layer: [score or None]} -> per layer mean/std x100 and counts, and the model's mean and population
+    variance across layers, with and without the last layer."""
+    layers_out = {}
+    for l, items in per_layer_scores.items():
+        scored = [s['score'] for s in items if not s['dead'] and s['score'] is not None]
+        layers_out[l] = {'mean': 100 * float(np.mean(scored)) if scored else None,
+                         'std': 100 * float(np.std(scored)) if scored else None,
+                         'scored': len(scored), 'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None),
+                         'dead': sum(1 for s in items if s['dead'])}
+    means = [v['mean'] for v in layers_out.values() if v['mean'] is not None]
+    all_but_last = [layers_out[l]['mean'] for l in sorted(layers_out)[:-1] if layers_out[l]['mean'] is not None]
+    model = {'mean': float(np.mean(means)) if means else None, 'var': float(np.var(means)) if means else None,
+             'mean_excl_last': float(np.mean(all_but_last)) if all_but_last else None,
+             'var_excl_last': float(np.var(all_but_last)) if all_but_last else None}
+    return {'layers': layers_out, 'model': model}
+
+
+# --- reports --------------------------------------------------------------------------------------------------
+
+def shade(toks, vals, top, decode, rgb):
+    spans = []
+    for t, v in zip(toks, vals):
+        alpha = 0 if not top else max(0.0, min(1.0, v / top))
+        spans.append(f'<span style="background:rgba({rgb},{alpha:.2f})" title="{v:.3g}">'
+                     f'{html.escape(decode([t])).replace(chr(10), "⏎")}</span>')
+    return ''.join(spans)
+
+
+def histogram_svg(scores, width=300, height=60, bins=20):
+    counts, edges = np.histogram([s for s in scores if s is not None], bins=bins, range=(-1, 1))
+    top = max(1, counts.max())
+    bars = ''.join(f'<rect x="{i * width / bins:.1f}" y="{height - c / top * height:.1f}" width="{width / bins - 1:.1f}" '
+                   f'height="{c / top * height:.1f}" fill="#4a7"><title>{edges[i]:.1f}..{edges[i + 1]:.1f}: {c}</title></rect>'
+                   for i, c in enumerate(counts))
+    return (f'<svg width="{width}" height="{height + 14}"><line x1="{width / 2}" y1="0" x2="{width / 2}" y2="{height}" '
+            f'stroke="#999"/>{bars}<text x="0" y="{height + 12}" font-size="10">-1</text><text x="{width - 10}" '
+            f'y="{height + 12}" font-size="10">1</text></svg>')
+
+
+def write_report(folder, summary, neuron_rows, decode):
+    title = f"{summary['model_name']} — neuron interpretability ({summary['simulator_label']})"
+    parts = [f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
+             'body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}'
+             'td,th{border:1px solid #ccc;padding:2px 6px}.ex{font-family:monospace;white-space:pre-wrap;margin:2px 0}'
+             'details{margin:2px 0}</style>', f'<h1>{html.escape(title)}</h1>',
+             f'<p>checkpoint {html.escape(summary["ckpt"])}, validation loss {summary["val_loss"]}, '
+             f'{summary["settings"]["n_openai"]} / {summary["settings"]["n_anthropic"]} sequences of '
+             f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic). Scores are Pearson r x 100.</p>',
+             '<table><tr><th>method</th><th>mean over layers</th><th>variance</th><th>excl. last layer</th></tr>']
+    for method, s in summary['methods'].items():
+        f = lambda v: '–' if v is None else f'{v:.2f}'
+        parts.append(f"<tr><td>{method}</td><td>{f(s['model']['mean'])}</td><td>{f(s['model']['var'])}</td>"
+                     f"<td>{f(s['model']['mean_excl_last'])}</td></tr>")
+    parts.append('</table>')
+    for l in summary['layer_ids']:
+        parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
+                     f'<th>undefined</th><th>dead</th><th>distribution of r</th></tr>')
+        for method, s in summary['methods'].items():
+            v = s['layers'][str(l)]
+            scores = [r['scores'][method]['score'] for r in neuron_rows if r['layer'] == l and method in r['scores']]
+            m = '–' if v['mean'] is None else f"{v['mean']:.2f}"
+            sd = '–' if v['std'] is None else f"{v['std']:.2f}"
+            parts.append(f"<tr><td>{method}</td><td>{m}</td><td>{sd}</td><td>{v['scored']}</td><td>{v['undefined']}"
+                         f"</td><td>{v['dead']}</td><td>{histogram_svg(scores)}</td></tr>")
+        st = summary['stats'].get(str(l), {})
+        parts.append(f"</table><p>fraction of zero activations {st.get('zero_fraction', '–')}, mean L0 per token "
+                     f"{st.get('l0', '–')}, dead neurons {st.get('dead', '–')} of {st.get('neurons', '–')}, "
+                     f"top-activation token concentration {st.get('top_token_concentration', '–')}</p>")
+        for r in sorted((r for r in neuron_rows if r['layer'] == l), key=lambda r: -(r['best'] or -2)):
+            sc = ', '.join(f"{k} " + ('dead' if v['dead'] else '–' if v['score'] is None else f"{100 * v['score']:.1f}")
+                           for k, v in r['scores'].items())
+            expl = next((v['explanation'] for v in r['scores'].values() if v.get('explanation')), 'dead')
+            body = []
+            for method, v in r['scores'].items():
+                for toks, a, p in v.get('show', []):
+                    body.append(f'<div class="ex"><b>{method}</b> true: {shade(toks, a, v["max_act"], decode, "255,120,0")}'
+                                f'<br>simulated: {shade(toks, p, 10, decode, "0,120,255")}</div>')
+            parts.append(f'<details><summary>neuron {r["neuron"]}: {sc} — {html.escape(expl)}</summary>'
+                         f'{"".join(body)}</details>')
+    with open(os.path.join(folder, 'report.html'), 'w', encoding='utf-8') as f:
+        f.write(''.join(parts))
+
+
+def markdown(summary):
+    lines = [f"# {summary['model_name']} ({summary['simulator_label']})", '',
+             f"validation loss {summary['val_loss']}; scores are Pearson r x 100", '',
+             '| layer | method | mean | std | scored | undefined | dead |', '| --- | --- | --- | --- | --- | --- | --- |']
+    fmt = lambda v: '–' if v is None else f'{v:.2f}'
+    for l in summary['layer_ids']:
+        for method, s in summary['methods'].items():
+            v = s['layers'][str(l)]
+            lines.append(f"| {l} | {method} | {fmt(v['mean'])} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | {v['dead']} |")
+    lines += ['', '| method | mean over layers | variance | mean excl. last | variance excl. last |', '| --- | --- | --- | --- | --- |']
+    for method, s in summary['methods'].items():
+        m = s['model']
+        lines.append(f"| {method} | {fmt(m['mean'])} | {fmt(m['var'])} | {fmt(m['mean_excl_last'])} | {fmt(m['var_excl_last'])} |")
+    return '\n'.join(lines) + '\n'
+
+
+def compare(folders):
+    """The paper-style table for several runs side by side, and CRATE vs GPT-2 at each depth."""
+    runs = []
+    for f in folders:
+        path = os.path.join(f, 'summary.json')
+        if not os.path.exists(path):
+            raise InterpretError(f"{path} not found: run interpret.py on that checkpoint first")
+        with open(path) as fh:
+            runs.append((f, json.load(fh)))
+    fmt = lambda v: '–' if v is None else f'{v:.2f}'
+    cols = ['top_and_random', 'random_only', 'anthropic']
+    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for f, s in runs:
+        cells = []
+        for c in cols:
+            m = s['methods'].get(c, {}).get('model', {})
+            key = 'mean_excl_last' if s['model']['n_layer'] >= 6 else 'mean'  # the paper leaves out the last layer at 6L, 12L
+            cells.append(fmt(m.get(key)))
+        lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
+                     f"{s['simulator_label']} | " + ' | '.join(cells) + ' |')
+    pairs = [(a, b) for a in runs for b in runs if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
+             and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]
+    for (fa, a), (fb, b) in pairs:
+        rel = []
+        for c in cols:
+            key = 'mean_excl_last' if a['model']['n_layer'] >= 6 else 'mean'
+            x, y = a['methods'].get(c, {}).get('model', {}).get(key), b['methods'].get(c, {}).get('model', {}).get(key)
+            rel.append(f"{c} {100 * (x / y - 1):+.0f}%" if x is not None and y not in (None, 0) else f"{c} –")
+        lines.append(f"\nCRATE {fa} vs GPT-2 {fb}: " + ', '.join(rel))
+    return '\n'.join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+def model_name(cfg):
+    return {('mssa', 'ista'): 'CRATE', ('mha', 'mlp'): 'GPT-2'}.get((cfg.attn, cfg.ffn), f'{cfg.attn}+{cfg.ffn}')
+
+
+def main():
+    from prepare import gpt2_tokenizer
+    dev = device if device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    autocast = torch.autocast(device_type=dev.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+    if protocol not in ('openai', 'anthropic', 'all'):
+        raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
+    if simulator != 'tokens':
+        raise InterpretError(f"simulator must be 'tokens' (the token-lookup baseline), got {simulator!r}")
+    try:
+        model = load_model(ckpt, dev)
+    except (FileNotFoundError, ValueError) as e:
+        raise InterpretError(str(e))
+    cfg = model.config
+    T = seq_len or cfg.block_size
+    if T > cfg.block_size:
+        raise InterpretError(f"seq_len={T} is longer than the model's block_size={cfg.block_size}")
+    layer_ids = list(range(cfg.n_layer)) if layers == 'all' else [int(x) for x in str(layers).split(',')]
+    if any(not 0 <= l < cfg.n_layer for l in layer_ids):
+        raise InterpretError(f"--layers={layers}: the model has layers 0..{cfg.n_layer - 1}")
+    h = cfg.hidden
+    if neurons == 'all':
+        cols = {l: list(range(h)) for l in layer_ids}
+    else:
+        k = int(neurons)
+        if not 0 < k <= h:
+            raise InterpretError(f"--neurons={neurons}: give 'all' or a count from 1 to {h}")
+        cols = {l: sorted(np.random.default_rng([seed, 3, l]).choice(h, k, replace=False).tolist()) for l in layer_ids}
+    protocols = ['openai', 'anthropic'] if protocol == 'all' else [protocol]
+    folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
+    os.makedirs(folder, exist_ok=True)
+    stream = read_stream(data, max(n_openai if 'openai' in protocols else 0, n_anthropic if 'anthropic' in protocols else 0), T)
+    streams = {'openai': stream[:n_openai], 'anthropic': stream[:n_anthropic]}
+
+    if bench:
+        benchmark(model, streams[protocols[0]], layer_ids, cols, dev, autocast)
+        return
+
+    settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
+                'n_openai': len(streams['openai']), 'n_anthropic': len(streams['anthropic']),
+                'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
+    meta_path = os.path.join(folder, 'records.json')
+    have = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    stats = {l: {} for l in layer_ids}
+    if have and have['settings'] == settings and all(os.path.exists(os.path.join(folder, f'records_L{l}.npz')) for l in layer_ids):
+        print(f"using the records in {folder} (same settings)")
+        stats = {int(l): v for l, v in have['stats'].items()}
+    else:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        recs = {l: {} for l in layer_ids}
+        if 'openai' in protocols:
+            for l, r in record_openai(model, streams['openai'], layer_ids, cols, dev, autocast, stats).items():
+                recs[l]['openai'] = r
+        if 'anthropic' in protocols:
+            for l, r in record_anthropic(model, streams['anthropic'], layer_ids, cols, dev, autocast,
+                                         None if 'openai' in protocols else stats).items():
+                recs[l]['anthropic'] = r
+        for l in layer_ids:
+            st = stats[l]
+            top_tok = stream.reshape(-1)[recs[l][protocols[0]]['pos'][:, :TOP]]
+            conc = np.mean([np.unique(row, return_counts=True)[1].max() / len(row) for row in top_tok])
+            stats[l] = {'zero_fraction': round(1 - st['nonzero'] / (st['tokens'] * h), 4),
+                        'l0': round(st['nonzero'] / st['tokens'], 2), 'dead': int((~st['alive']).sum()), 'neurons': h,
+                        'top_token_concentration': round(float(conc), 3), 'tokens': st['tokens']}
+            save_records(folder, l, cols[l], recs[l], stream)
+        with open(meta_path + '.tmp', 'w') as f:
+            json.dump({'settings': settings, 'stats': stats}, f)
+        os.replace(meta_path + '.tmp', meta_path)
+
+    enc = gpt2_tokenizer()
+    decode = lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab])
+    rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in METHODS[p]}
+    for l in layer_ids:
+        rec = dict(np.load(os.path.join(folder, f'records_L{l}.npz')))
+        for n, neuron in enumerate(tqdm(rec['neurons'], desc=f'score layer {l}', unit='neuron', file=sys.stderr)):
+            scores = {}
+            for p in protocols:
+                scores.update(score_neuron(rec, n, p, decode))
+            for m, s in scores.items():
+                per_method[m][l].append(s)
+            defined = [s['score'] for s in scores.values() if s['score'] is not None]
+            rows.append({'layer': l, 'neuron': int(neuron), 'scores': scores, 'best': max(defined) if defined else None})
+    ck = torch.load(ckpt if not os.path.isdir(ckpt) else os.path.join(ckpt, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    val_loss = ck.get('best_val_loss')
+    summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
+               'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
+               'simulator_label': 'token-lookup baseline, not the LLM metric', 'settings': settings,
+               'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},
+               'methods': {m: {'layers': {str(l): v for l, v in s['layers'].items()}, 'model': s['model']}
+                           for m, s in ((m, summarize(v)) for m, v in per_method.items())}}
+    with open(os.path.join(folder, 'neurons.jsonl'), 'w') as f:
+        for r in rows:
+            slim = {k: {kk: vv for kk, vv in v.items() if kk != 'show'} for k, v in r['scores'].items()}
+            f.write(json.dumps({'layer': r['layer'], 'neuron': r['neuron'], 'simulator': simulator, 'scores': slim}) + '\n')
+    with open(os.path.join(folder, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    md = markdown(summary)
+    with open(os.path.join(folder, 'summary.md'), 'w') as f:
+        f.write(md)
+    write_report(folder, summary, rows, decode)
+    print(md)
+    print(f"wrote {folder}/neurons.jsonl, summary.json, summary.md, report.html")
+
+
+def benchmark(model, seqs, layer_ids, cols, dev, autocast):
+    """Tokens/s of a plain forward pass and of the OpenAI recording pass over the same tokens."""
+    import time
+    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
+    def plain():
+        for i in range(0, len(seqs), batch_size):
+            with torch.no_grad(), autocast:
+                model(torch.from_numpy(seqs[i:i + batch_size]).to(dev))
+    plain()  # warm-up
+    results = {}
+    for name, fn in (('forward', plain), ('recording', lambda: record_openai(model, seqs, layer_ids, cols, dev, autocast,
+                                                                             {l: {} for l in layer_ids}))):
+        sync()
+        t0 = time.time()
+        fn()
+        sync()
+        results[name] = seqs.size / (time.time() - t0)
+    print(f"forward   {results['forward']:,.0f} tok/s\nrecording {results['recording']:,.0f} tok/s "
+          f"({results['forward'] / results['recording'] - 1:+.0%} time over forward; both passes of the OpenAI protocol)")
+
+
+if __name__ == '__main__':
+    try:
+        if sys.argv[1:2] == ['--compare']:
+            if len(sys.argv) < 3:
+                raise InterpretError("--compare needs one or more interp folders, e.g. --compare out-crate-1l/interp out-gpt2-1l/interp")
+            print(compare(sys.argv[2:]))
+        else:
+            globals().update(configure(script_defaults(globals()), sys.argv[1:]))
+            main()
+    except InterpretError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,184 @@
+import json
+import math
+import os
+import re
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run
+
+import interpret as I
+from model import ModelConfig, Transformer
+
+PLANT, DEAD = 5, 9        # neuron 5 fires exactly on token 7; neuron 9 never fires
+TOKEN = 7
+
+
+def planted_model():
+    """A 1-layer GPT-2 (ReLU MLP) whose MLP neuron PLANT fires on token TOKEN and nowhere else: attention writes
+    nothing, position embeddings are zero and token embeddings are orthogonal, so LN2's input is the token's own
+    embedding and one hidden unit can threshold on it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(attn='mha', ffn='mlp', bias=True, n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=64)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.wte.weight.copy_(torch.linalg.qr(torch.randn(64, 64))[0] * 3)
+        model.wpe.weight.zero_()
+        blk = model.blocks[0]
+        blk.attn.c_proj.weight.zero_()
+        blk.attn.c_proj.bias.zero_()
+        x = blk.ln_2(model.wte.weight)                       # what the MLP sees for each token
+        blk.ffn.c_fc.weight[PLANT] = x[TOKEN] / x[TOKEN].norm()
+        blk.ffn.c_fc.bias[PLANT] = -0.5 * x[TOKEN].norm()    # own token: +0.5|x|; others about 0 - 0.5|x|
+        blk.ffn.c_fc.weight[DEAD] = 0
+        blk.ffn.c_fc.bias[DEAD] = -1
+    return model
+
+
+def save(model, path, val_loss):
+    os.makedirs(path, exist_ok=True)
+    torch.save({'model': model.state_dict(), 'model_args': vars(model.config), 'best_val_loss': val_loss},
+               os.path.join(path, 'ckpt.pt'))
+
+
+@pytest.fixture(scope='module')
+def val_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp('val')
+    np.random.default_rng(0).integers(0, 64, 100 * 32).astype(np.uint16).tofile(d / 'val.bin')
+    return d
+
+
+ARGS = ['--n_openai=64', '--n_anthropic=40', '--device=cpu', '--batch_size=16']
+
+
+def neurons_of(folder):
+    with open(os.path.join(folder, 'neurons.jsonl')) as f:
+        return {r['neuron']: r for r in map(json.loads, f)}
+
+
+def test_planted_neuron_scores_one_and_dead_neuron_is_reported(val_dir, tmp_path):
+    model = planted_model()
+    x = torch.from_numpy(np.fromfile(val_dir / 'val.bin', dtype=np.uint16)[:32 * 8].astype(np.int64)).view(8, 32)
+    _, _, (a,) = model(x, return_neurons=True)
+    assert torch.equal(a[..., PLANT] > 0, x == TOKEN) and (a[..., DEAD] == 0).all()    # the plant works
+    save(model, tmp_path / 'm', 3.21)
+    run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', *ARGS)
+    rows = neurons_of(tmp_path / 'm' / 'interp')
+    assert len(rows) == 256
+    for method in ('top_and_random', 'random_only', 'anthropic'):
+        assert rows[DEAD]['scores'][method]['dead']
+    assert rows[PLANT]['scores']['top_and_random']['score'] == pytest.approx(1.0, abs=1e-9)
+    assert rows[PLANT]['scores']['anthropic']['score'] == pytest.approx(1.0, abs=1e-9)
+    summary = json.load(open(tmp_path / 'm' / 'interp' / 'summary.json'))
+    assert summary['val_loss'] == 3.21 and summary['simulator_label'].startswith('token-lookup baseline')
+    layer = summary['methods']['top_and_random']['layers']['0']
+    assert layer['dead'] >= 1 and layer['scored'] + layer['dead'] + layer['undefined'] == 256
+    report = open(tmp_path / 'm' / 'interp' / 'report.html').read()
+    assert report.count('<details>') == 256 and 'token-lookup baseline' in report
+    assert all(f'neuron {n}:' in report for n in rows)
+    # recording again with the same settings reuses the records
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', *ARGS)
+    assert 'using the records' in p.stdout and neurons_of(tmp_path / 'm' / 'interp') == rows
+
+
+def test_excerpt_sets_follow_the_protocols(val_dir):
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64)).eval()
+    seqs = I.read_stream(str(val_dir), 64, 32)
+    P = seqs.size
+    with torch.no_grad():
+        full = [torch.cat([model(torch.from_numpy(seqs[i:i + 16]), return_neurons=True)[2][l] for i in range(0, 64, 16)])
+                .reshape(P, -1).numpy() for l in range(2)]
+    cols = {0: [0, 3, 63], 1: [1, 2]}
+    stats = {0: {}, 1: {}}
+    oa = I.record_openai(model, seqs, [0, 1], cols, 'cpu', nullcontext(), stats)
+    an = I.record_anthropic(model, seqs[:40], [0, 1], cols, 'cpu', nullcontext(), None)
+    Pa = 40 * 32
+    for l in (0, 1):
+        for n, j in enumerate(cols[l]):
+            act = full[l][:, j]
+            pos = oa[l]['pos'][n]
+            assert pos.shape == (100,) and len(set(pos[50:])) == 50
+            np.testing.assert_allclose(act[pos[:50]], np.sort(act)[::-1][:50], rtol=1e-6)  # the top 50, in rank order
+            assert (np.diff(act[pos[:50]]) <= 1e-6).all()
+            win = oa[l]['win'][n]
+            assert win.shape == (100, 64)
+            expect = pos[:, None] + np.arange(-32, 32)
+            assert ((win == expect) | ((win == -1) & ((expect < 0) | (expect >= P)))).all()  # clipped at the ends
+            ok = win >= 0
+            np.testing.assert_allclose(oa[l]['acts'][n][ok], act[win[ok]], rtol=1e-5, atol=1e-6)
+            assert np.isnan(oa[l]['acts'][n][~ok]).all()
+            # Anthropic: top 50, random 50, 11 bands of 20 below the top twelfth, 8-token windows
+            a_act = full[l][:Pa, j]
+            apos = an[l]['pos'][n]
+            assert apos.shape == (50 + 50 + 220,) and an[l]['win'][n].shape == (320, 8)
+            ranked = np.sort(a_act)[::-1]
+            np.testing.assert_allclose(a_act[apos[:50]], ranked[:50], rtol=1e-6)
+            for b in range(1, 12):
+                band = apos[100 + 20 * (b - 1):100 + 20 * b]
+                lo, hi = Pa * b // 12, Pa * (b + 1) // 12
+                assert len(set(band)) == 20
+                assert (a_act[band] <= ranked[lo] + 1e-7).all() and (a_act[band] >= ranked[hi - 1] - 1e-7).all()
+            aw = an[l]['win'][n]
+            assert ((aw == apos[:, None] + np.arange(-4, 4)) | (aw == -1)).all()
+    # a window at the very start is clipped
+    assert (I.window_positions(np.array([3]), 'openai', P)[0][:29] == -1).all()
+    assert (I.window_positions(np.array([P - 2]), 'anthropic', P)[0] == [P - 6, P - 5, P - 4, P - 3, P - 2, P - 1, -1, -1]).all()
+
+
+def test_scoring_sets_have_the_papers_sizes():
+    _, expl, score = I.SETS['top_and_random']
+    assert expl == [0, 2, 4, 6, 8] and score == [1, 3, 5, 7, 9, 50, 52, 54, 56, 58]
+    assert I.SETS['random_only'][2] == [50, 52, 54, 56, 58] and I.SETS['random_only'][1] == expl
+    _, expl, score = I.SETS['anthropic']
+    assert len(expl) == 15 + 22 + 5 and len(score) == 10 + 22 + 5 + 10
+    assert expl[15:17] == [100, 101] and expl[-5:] == [50, 51, 52, 53, 54]
+    assert score[10:12] == [102, 103] and score[32:37] == [55, 56, 57, 58, 59] and score[-1] == 'ooc:34'
+    toks = np.arange(320 * 8).reshape(1, 320, 8)
+    rec = {'anthropic_tokens': toks, 'anthropic_acts': toks.astype(np.float32)}
+    (t, a), = I.excerpts(rec, 'anthropic', ['ooc:25'], 0)
+    assert t == [25 * 8 + 3, 25 * 8 + 4, 25 * 8 + 5]                     # the peak and one token each side
+
+
+def test_quantize_and_pooled_pearson():
+    assert I.quantize(np.array([-1.0, 0.0, 0.49, 0.5, 0.99, 1.0]), 1.0).tolist() == [0, 0, 4, 5, 9, 10]
+    x = [np.array([1.0, 2.0, 0.0]), np.array([5.0, 0.0])]
+    y = [np.array([0.5, 2.5, 0.0]), np.array([4.0, 1.0])]
+    want = np.corrcoef(np.concatenate(x), np.concatenate(y))[0, 1]
+    assert I.pearson(np.concatenate(x), np.concatenate(y)) == pytest.approx(want, rel=1e-12)
+    assert I.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
+    assert I.pearson([1, 1, 1], [1, 2, 3]) is None and I.pearson([1, 2, 3], [0, 0, 0]) is None
+    s = I.summarize({0: [{'dead': False, 'score': 0.5}, {'dead': False, 'score': 0.1}, {'dead': False, 'score': None},
+                         {'dead': True, 'score': None}], 1: [{'dead': False, 'score': 0.2}]})
+    assert s['layers'][0] == {'mean': pytest.approx(30.0), 'std': pytest.approx(20.0), 'scored': 2, 'undefined': 1, 'dead': 1}
+    assert s['model']['mean'] == pytest.approx(25.0) and s['model']['var'] == pytest.approx(25.0)
+    assert s['model']['mean_excl_last'] == pytest.approx(30.0)
+
+
+def test_compare_two_runs(val_dir, tmp_path):
+    torch.manual_seed(2)
+    for name, args, loss in (('crate', {}, 4.0), ('gpt2', dict(attn='mha', ffn='mlp', bias=False), 3.5)):
+        save(Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64, **args)),
+             tmp_path / name, loss)
+        run('interpret.py', f'--ckpt={tmp_path / name}', f'--data={val_dir}', '--neurons=12', *ARGS)
+    p = run('interpret.py', '--compare', str(tmp_path / 'crate' / 'interp'), str(tmp_path / 'gpt2' / 'interp'))
+    rows = [l for l in p.stdout.splitlines() if l.startswith(f'| {tmp_path}')]
+    assert len(rows) == 2 and '| CRATE | 1 | 4.00 |' in rows[0] and '| GPT-2 | 1 | 3.50 |' in rows[1]
+    s = [json.load(open(tmp_path / n / 'interp' / 'summary.json'))['methods']['random_only']['model']['mean']
+         for n in ('crate', 'gpt2')]
+    assert f"random_only {100 * (s[0] / s[1] - 1):+.0f}%" in p.stdout
+    assert f"{s[0]:.2f}" in rows[0] and f"{s[1]:.2f}" in rows[1]
+    assert len(neurons_of(tmp_path / 'crate' / 'interp')) == 12
+
+
+def test_errors(val_dir, tmp_path):
+    p = run('interpret.py', '--compare', str(tmp_path / 'nothing'), check=False)
+    assert p.returncode == 2 and 'summary.json not found' in p.stderr
+    save(planted_model(), tmp_path / 'm', 1.0)
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={tmp_path}', check=False)
+    assert p.returncode == 2 and 'val.bin not found' in p.stderr
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', '--layers=3', check=False)
+    assert p.returncode == 2 and 'the model has layers 0..0' in p.stderr
