@@ -111,61 +111,88 @@ def random_positions(P, k, *key):
 
 
 def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
-    """Running top-50 per neuron on the device (memory: neurons x 50, whatever N), then a second pass over only
-    the sequences that hold an excerpt token, to read the excerpts' activations."""
+    """One pass over the N sequences. Memory does not grow with N: per neuron, a running top-50 on the device
+    with each entry's excerpt activations (50 x 64 values), plus the excerpts of its 50 random positions. A batch
+    is merged once the next one is computed, so that excerpts crossing into a neighbouring batch can be read."""
     n_seq, T = seqs.shape
     P = n_seq * T
+    if batch_size * T < WINDOW['openai'][1]:
+        raise InterpretError(f"batch_size x seq_len must be at least {WINDOW['openai'][1]} tokens")
     k = min(TOP, P)
-    top = {l: (torch.full((k, len(cols[l])), -float('inf'), device=dev),
-               torch.zeros((k, len(cols[l])), dtype=torch.long, device=dev)) for l in layer_ids}
-    col_t = {l: torch.as_tensor(cols[l], device=dev) for l in layer_ids}
-    for i, acts in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
-                        desc='openai: top activations', unit='batch', file=sys.stderr):
-        for l in layer_ids:
-            full = acts[l].float().reshape(-1, acts[l].shape[-1])
-            update_stats(stats[l], full)
-            a = full[:, col_t[l]]
-            pos = torch.arange(i * T, i * T + a.shape[0], device=dev)[:, None].expand_as(a)
-            vals, idx = torch.topk(torch.cat([top[l][0], a]), k, dim=0)
-            top[l] = (vals, torch.gather(torch.cat([top[l][1], pos]), 0, idx))
-    records = {}
+    acts_width = model.config.hidden
+    offsets = torch.arange(-WINDOW['openai'][0], WINDOW['openai'][1], device=dev)
+    state = {}
     for l in layer_ids:
-        top_pos = top[l][1].T.cpu().numpy()                                   # (n, 50), ranks 0..49
-        rand_pos = np.stack([random_positions(P, min(RAND, P), 0, l, j) for j in cols[l]])
-        records[l] = {'pos': np.concatenate([top_pos, rand_pos], 1)}
-        records[l]['win'] = window_positions(records[l]['pos'], 'openai', P)
-    gather_windows(model, seqs, records, cols, dev, autocast)
+        n = len(cols[l])
+        rand = np.stack([random_positions(P, min(RAND, P), 0, l, j) for j in cols[l]])
+        state[l] = {'vals': torch.full((k, n), -float('inf'), device=dev), 'pos': torch.zeros((k, n), dtype=torch.long, device=dev),
+                    'win': torch.full((k, n, len(offsets)), float('nan'), device=dev), 'rand': torch.as_tensor(rand, device=dev),
+                    'rwin': torch.full(rand.shape + (len(offsets),), float('nan'), device=dev),
+                    'cols': torch.as_tensor(cols[l], device=dev), 'neuron': torch.arange(n, device=dev)}
+
+    BT = batch_size * T
+    ring = {l: torch.zeros((3, BT, len(cols[l])), device=dev) for l in layer_ids}  # the last three batches
+
+    def windows(l, pos, neuron):
+        """Activations of `neuron` on the excerpt around each position (read from the ring of the last three
+        batches, where the excerpt's batch and its neighbours are), NaN beyond the stream's ends."""
+        wp = pos[..., None] + offsets
+        q = wp.clamp(0, P - 1)
+        vals = ring[l][(q // BT) % 3, q % BT, neuron[..., None].expand_as(q)]
+        return torch.where((wp >= 0) & (wp < P), vals, torch.full_like(vals, float('nan')))
+
+    def merge(target):
+        """Merge a batch into each neuron's top-k. The top-k lives in k slots per neuron (unordered); a new entry
+        takes the slot of one it pushed out, so only new entries' excerpts are read. Only neurons with a value
+        above their current k-th best are looked at, which after the first batches is few."""
+        ts, acts = target
+        for l, st in state.items():
+            a, amax = acts[l]
+            cand = torch.nonzero(amax > st['vals'].min(0).values).squeeze(1)  # neurons with a contender
+            if 2 * len(cand) > a.shape[1]:
+                cand = st['neuron']                                            # most: no copy of a subset
+            if len(cand):
+                sub = (lambda x: x) if len(cand) == a.shape[1] else (lambda x: x[:, cand])
+                vals, idx = torch.topk(torch.cat([sub(st['vals']), sub(a)]), k, dim=0)
+                new = idx >= k
+                kept = torch.zeros((k, len(cand)), dtype=torch.long, device=dev)
+                kept = kept.scatter_add_(0, idx.clamp(max=k - 1), (~new).long()) > 0   # old slots still in the top-k
+                free = torch.argsort(kept.to(torch.int8), dim=0, stable=True)     # free slots first
+                r, c = torch.nonzero(new, as_tuple=True)
+                rank = (torch.cumsum(new.to(torch.long), 0) - 1)[r, c]           # i-th new entry of its neuron
+                slot, neuron = free[rank, c], cand[c]
+                pos = ts + idx[r, c] - k
+                st['vals'][slot, neuron] = vals[r, c]
+                st['pos'][slot, neuron] = pos
+                st['win'][slot, neuron] = windows(l, pos, neuron)
+            r, c = torch.nonzero((st['rand'] >= ts) & (st['rand'] < ts + a.shape[0]), as_tuple=True)
+            if len(r):
+                st['rwin'][r, c] = windows(l, st['rand'][r, c], r)
+
+    every = {l: len(cols[l]) == acts_width for l in layer_ids}
+    pending = None   # the batch whose right neighbour is being computed
+    for i, acts in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
+                        desc='openai: top activations and excerpts', unit='batch', file=sys.stderr):
+        sel = {}
+        for l in layer_ids:
+            full = acts[l].float().reshape(-1, acts_width)
+            amax = full.amax(0)
+            update_stats(stats[l], full, amax)
+            a = full if every[l] else full[:, state[l]['cols']]
+            ring[l][(i // batch_size) % 3, :len(a)] = a
+            sel[l] = (a, amax if every[l] else amax[state[l]['cols']])
+        if pending:
+            merge(pending)
+        pending = (i * T, sel)
+    merge(pending)
+    records = {}
+    for l, st in state.items():
+        order = torch.argsort(st['vals'], dim=0, descending=True, stable=True)     # slots in rank order
+        neuron = st['neuron'][None, :].expand_as(order)
+        pos = torch.cat([st['pos'][order, neuron].T, st['rand']], 1).cpu().numpy()
+        records[l] = {'pos': pos, 'win': window_positions(pos, 'openai', P),
+                      'acts': torch.cat([st['win'][order, neuron].transpose(0, 1), st['rwin']], 1).cpu().numpy()}
     return records
-
-
-def gather_windows(model, seqs, records, cols, dev, autocast):
-    """Fill records[l]['acts'] with the neuron's activation at every window position, running the model only on
-    the sequences those positions fall in. Memory: the records themselves."""
-    T = seqs.shape[1]
-    need = np.unique(np.concatenate([r['win'][r['win'] >= 0] // T for r in records.values()]))
-    order = {}
-    for l, r in records.items():
-        flat, neuron = r['win'].reshape(-1), np.broadcast_to(np.arange(len(cols[l]))[:, None, None], r['win'].shape).reshape(-1)
-        keep = np.flatnonzero(flat >= 0)
-        keep = keep[np.argsort(flat[keep], kind='stable')]
-        order[l] = (keep, flat[keep], neuron[keep])
-        r['acts'] = np.full(r['win'].shape, np.nan, dtype=np.float32)
-    for b in tqdm(range(0, len(need), batch_size), desc='openai: excerpts', unit='batch', file=sys.stderr):
-        ids = need[b:b + batch_size]
-        x = torch.from_numpy(seqs[ids]).to(dev)
-        with torch.no_grad(), autocast:
-            _, _, acts = model(x, return_neurons=True)
-        row_of = {s: j for j, s in enumerate(ids)}
-        lo, hi = ids[0] * T, (ids[-1] + 1) * T
-        for l, (keep, flat, neuron) in order.items():
-            s, e = np.searchsorted(flat, lo), np.searchsorted(flat, hi)
-            p, nr = flat[s:e], neuron[s:e]
-            rows = np.array([row_of.get(q, -1) for q in p // T])
-            ok = rows >= 0
-            a = acts[l].float()[:, :, torch.as_tensor(cols[l], device=dev)]
-            vals = a[torch.as_tensor(rows[ok], device=dev), torch.as_tensor(p[ok] % T, device=dev),
-                     torch.as_tensor(nr[ok], device=dev)].cpu().numpy()
-            records[l]['acts'].reshape(-1)[keep[s:e][ok]] = vals
 
 
 def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
@@ -206,12 +233,11 @@ def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
     return records
 
 
-def update_stats(s, a):
-    """Accumulate LLM-free statistics of one layer from (positions, h) activations."""
-    nz = a != 0
+def update_stats(s, a, amax=None):
+    """Accumulate LLM-free statistics of one layer from (positions, h) activations (non-negative neurons)."""
     s['tokens'] = s.get('tokens', 0) + a.shape[0]
-    s['nonzero'] = s.get('nonzero', 0) + nz.sum().item()
-    alive = nz.any(0).cpu()
+    s['nonzero'] = s.get('nonzero', 0) + (a > 0).sum().item()
+    alive = ((a.amax(0) if amax is None else amax) > 0).cpu()
     s['alive'] = alive if 'alive' not in s else s['alive'] | alive
 
 
@@ -556,7 +582,7 @@ def benchmark(model, seqs, layer_ids, cols, dev, autocast):
         sync()
         results[name] = seqs.size / (time.time() - t0)
     print(f"forward   {results['forward']:,.0f} tok/s\nrecording {results['recording']:,.0f} tok/s "
-          f"({results['forward'] / results['recording'] - 1:+.0%} time over forward; both passes of the OpenAI protocol)")
+          f"({results['forward'] / results['recording'] - 1:+.0%} time over forward, the OpenAI protocol)")
 
 
 if __name__ == '__main__':
