@@ -24,6 +24,8 @@ each token id in the explanation set, and it predicts that value for each token 
 such in every report; it is not the paper's LLM metric.
 """
 
+import asyncio
+import hashlib
 import html
 import json
 import math
@@ -49,7 +51,20 @@ n_anthropic = 800            # sequences for the Anthropic protocol (a prefix of
 seq_len = 0                  # 0: the model's block_size
 batch_size = 8               # sequences per forward pass
 seed = 0
-simulator = 'tokens'         # 'tokens': the token-lookup baseline (needs no LLM)
+simulator = 'chat'           # 'chat', 'all-at-once' (the paper's, prompt logprobs) or 'tokens' (offline baseline)
+explainer_model = ''         # e.g. mistralai/Mistral-7B-Instruct-v0.2
+simulator_model = ''         # default: the explainer model; the paper used meta-llama/Llama-2-7b-hf
+base_url = ''                # an OpenAI-compatible server, default $OPENAI_BASE_URL
+simulator_base_url = ''      # when the simulator lives on another server
+api_key = ''                 # default $OPENAI_API_KEY; any string for a local server
+explainer_temperature = 0.0  # the paper: 1.0
+simulator_top_logprobs = 5   # all-at-once: alternatives per position (the paper: 5)
+concurrency = 16             # requests in flight
+max_retries = 3              # the client's retries of 408/429/5xx
+timeout = 120.0              # seconds per request
+bad_answer_retries = 2       # an empty explanation or a malformed simulation is asked again this often
+resume = True                # keep the neurons a killed run finished
+dry_run = False              # print how many requests and tokens a run would use, and stop
 anthropic_max_gb = 2.0       # memory for the Anthropic ranking: (N*T) x neurons-per-chunk x 16 bytes at most
 bench = False                # time a plain forward pass against the recording pass and exit
 device = 'auto'
@@ -299,9 +314,10 @@ def simulate_tokens(table, scoring):
     return [np.array([table.get(t, 0.0) for t in toks]) for toks, _ in scoring]
 
 
-def score_neuron(rec, n, protocol, decode):
-    """Explain, simulate and score one neuron under every scoring method of a protocol."""
-    out = {}
+async def score_neuron(rec, n, protocol, decode, llm):
+    """Explain, simulate and score one neuron under every scoring method of a protocol. The scoring methods of
+    one protocol share the explanation (and identical requests are answered once, from the cache)."""
+    out, explanation = {}, None
     for method in METHODS[protocol]:
         _, expl_items, score_items = SETS[method]
         expl = excerpts(rec, protocol, expl_items, n)
@@ -309,14 +325,25 @@ def score_neuron(rec, n, protocol, decode):
         if not m > 0:
             out[method] = {'dead': True, 'score': None, 'explanation': None}
             continue
-        table = explain_tokens(expl, m)
         scoring = excerpts(rec, protocol, score_items, n)
-        preds = simulate_tokens(table, scoring)
+        hard = False
+        if llm is None:
+            table = explain_tokens(expl, m)
+            top = sorted(table.items(), key=lambda kv: -kv[1])[:5]
+            explanation = 'tokens: ' + ', '.join(f"{decode([t])!r} {v:.1f}" for t, v in top)
+            preds = simulate_tokens(table, scoring)
+        else:
+            explanation = explanation or await llm.explain(expl, m, decode)
+            sim = await simulate(llm, explanation, scoring, decode) if explanation else None
+            if sim is None:
+                out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
+                               'explanation': explanation, 'failure': 'explanation' if not explanation else 'simulation'}
+                continue
+            preds, hard = sim
         true = np.concatenate([a for _, a in scoring])
         score = pearson(true, np.concatenate(preds))
-        top = sorted(table.items(), key=lambda kv: -kv[1])[:5]
-        out[method] = {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m,
-                       'explanation': 'tokens: ' + ', '.join(f"{decode([t])!r} {v:.1f}" for t, v in top),
+        out[method] = {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m, 'hard': hard,
+                       'explanation': explanation,
                        'show': [(toks, a.tolist(), p.tolist()) for (toks, a), p in zip(scoring[:3], preds[:3])]}
     return out
 
@@ -330,13 +357,292 @@ def summarize(per_layer_scores):
         layers_out[l] = {'mean': 100 * float(np.mean(scored)) if scored else None,
                          'std': 100 * float(np.std(scored)) if scored else None,
                          'scored': len(scored), 'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None),
-                         'dead': sum(1 for s in items if s['dead'])}
+                         'dead': sum(1 for s in items if s['dead']), 'failed': sum(1 for s in items if s.get('failed')),
+                         'hard': sum(1 for s in items if s.get('hard'))}
     means = [v['mean'] for v in layers_out.values() if v['mean'] is not None]
     all_but_last = [layers_out[l]['mean'] for l in sorted(layers_out)[:-1] if layers_out[l]['mean'] is not None]
     model = {'mean': float(np.mean(means)) if means else None, 'var': float(np.var(means)) if means else None,
              'mean_excl_last': float(np.mean(all_but_last)) if all_but_last else None,
              'var_excl_last': float(np.var(all_but_last)) if all_but_last else None}
     return {'layers': layers_out, 'model': model}
+
+
+# --- the LLM roles: explainer and simulators through any OpenAI-compatible server ------------------------------
+
+EXPLAINER_SYSTEM = (
+    "You study single neurons inside a language model. You are shown text excerpts, one token per line, each "
+    "followed by a tab and the neuron's activation on that token, an integer from 0 (silent) to 10 (strongest). "
+    "Say in a short phrase what the neuron responds to. Look at which tokens fire and what surrounds them; prefer "
+    "a precise description over a general one. Answer with the phrase only, on one line.")
+EXPLAINER_EXAMPLE = (
+    "<start>\nShe\t0\n planted\t0\n tulips\t9\n and\t0\n roses\t10\n by\t0\n the\t0\n gate\t0\n<end>\n"
+    "<start>\nA\t0\n bunch\t0\n of\t0\n daisies\t8\n sat\t0\n on\t0\n the\t0\n table\t0\n<end>\n"
+    "Non-zero tokens: tulips, roses, daisies\n\n"
+    "Complete the sentence: the main thing this neuron does is find", "names of flowers")
+SIMULATOR_SYSTEM = (
+    "You predict how a single neuron of a language model responds to text. Given a description of the neuron "
+    "and a list of tokens, give for each token the neuron's activation as an integer from 0 (silent) to 10 "
+    "(strongest). Most tokens are 0. Answer with JSON only: {\"activations\": [one integer per token]}.")
+
+
+def show_token(text):
+    return text.replace('\\', '\\\\').replace('\n', '\\n').replace('\t', '\\t')
+
+
+def explainer_messages(expl, m, decode):
+    """The explanation set as <start> token<TAB>activation ... <end>, non-zero tokens again when they are rare."""
+    blocks, shown, nonzero = [], 0, []
+    for toks, a in expl:
+        q = quantize(a, m)
+        blocks.append('<start>\n' + ''.join(f"{show_token(decode([t]))}\t{v}\n" for t, v in zip(toks, q)) + '<end>\n')
+        shown += len(q)
+        nonzero += [show_token(decode([t])) for t, v in zip(toks, q) if v > 0]
+    body = ''.join(blocks)
+    if len(nonzero) < 0.2 * shown:
+        body += 'Non-zero tokens: ' + ', '.join(nonzero) + '\n'
+    ask = '\nComplete the sentence: the main thing this neuron does is find'
+    example_q, example_a = EXPLAINER_EXAMPLE
+    return [{'role': 'system', 'content': EXPLAINER_SYSTEM}, {'role': 'user', 'content': example_q},
+            {'role': 'assistant', 'content': example_a}, {'role': 'user', 'content': body + ask}]
+
+
+def clean_explanation(text):
+    line = (text or '').strip().split('\n')[0].strip()
+    line = line.strip('"\'“”‘’` ').rstrip('.').strip()
+    for lead in ('the main thing this neuron does is find', 'find'):
+        if line.lower().startswith(lead + ' '):
+            line = line[len(lead) + 1:]
+    return line
+
+
+def simulator_messages(explanation, tokens):
+    listing = '\n'.join(f"{i}: {json.dumps(t)}" for i, t in enumerate(tokens))
+    return [{'role': 'system', 'content': SIMULATOR_SYSTEM},
+            {'role': 'user', 'content': f"Neuron: finds {explanation}.\n{len(tokens)} tokens:\n{listing}\n"
+                                        f"Reply with {{\"activations\": [{len(tokens)} integers from 0 to 10]}}."}]
+
+
+def activation_schema(n):
+    return {'type': 'json_schema', 'json_schema': {'name': 'activations', 'strict': True, 'schema': {
+        'type': 'object', 'additionalProperties': False, 'required': ['activations'],
+        'properties': {'activations': {'type': 'array', 'minItems': n, 'maxItems': n,
+                                       'items': {'type': 'integer', 'minimum': 0, 'maximum': 10}}}}}}
+
+
+def parse_activations(text, n):
+    """The n integers 0-10 of an answer, from its JSON object or, failing that, from the integers in the text."""
+    values = None
+    start, end = (text or '').find('{'), (text or '').rfind('}')
+    if start >= 0 and end > start:
+        try:
+            values = json.loads(text[start:end + 1]).get('activations')
+        except (json.JSONDecodeError, AttributeError):
+            values = None
+    if values is None:
+        import re
+        values = [int(x) for x in re.findall(r'-?\d+', (text or '').split('activations')[-1])]
+    ok = (isinstance(values, list) and len(values) == n
+          and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10 for v in values))
+    return values if ok else None
+
+
+def expected_from_logprobs(content, n):
+    """Each activation's expected value over the alternatives at its position that read as 0-10, renormalised;
+    None when the logprobs do not line up with n numbers. content: the answer's tokens with top_logprobs."""
+    if not content:
+        return None
+    text, values, prev_digit = '', [], False
+    for tok in content:
+        piece = tok['token']
+        inside = '[' in text
+        digits = piece.strip(' ,[]\n')
+        if inside and digits.isdigit() and not prev_digit:
+            probs = {}
+            for alt in tok.get('top_logprobs') or [{'token': piece, 'logprob': tok['logprob']}]:
+                s = alt['token'].strip(' ,[]\n')
+                if s.isdigit() and int(s) <= 10:
+                    probs[int(s)] = probs.get(int(s), 0.0) + math.exp(alt['logprob'])
+            total = sum(probs.values())
+            values.append(sum(k * p for k, p in probs.items()) / total if total else float(digits))
+        prev_digit = inside and digits.isdigit() and not piece.rstrip().endswith(',')
+        text += piece
+        if inside and ']' in piece:
+            break
+    return values if len(values) == n else None
+
+
+class LLM:
+    """The two LLM roles, with a cache of every request in llm_cache.jsonl (re-runs make no requests), a
+    semaphore bounding the requests in flight, and the fallbacks servers need."""
+
+    def __init__(self, folder):
+        import openai
+        self.openai = openai
+        self.cache_path = os.path.join(folder, 'llm_cache.jsonl')
+        self.cache = {}
+        if os.path.exists(self.cache_path):
+            with open(self.cache_path) as f:
+                lines = f.read().split('\n')
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    self.cache[item['key']] = item['response']
+                except (json.JSONDecodeError, KeyError):
+                    print(f"warning: skipping a torn line {i + 1} of {self.cache_path}", file=sys.stderr)
+        self.cache_file = open(self.cache_path, 'a')
+        url = base_url or os.environ.get('OPENAI_BASE_URL', '')
+        key = api_key or os.environ.get('OPENAI_API_KEY', '') or 'none'
+        if not url:
+            raise InterpretError("--simulator=chat or all-at-once needs a server: pass --base_url (or set OPENAI_BASE_URL), "
+                                 "or use --simulator=tokens for the offline baseline")
+        self.urls = {'explainer': url, 'simulator': simulator_base_url or url}
+        self.models = {'explainer': explainer_model, 'simulator': simulator_model or explainer_model}
+        for role, name in self.models.items():
+            if not name:
+                raise InterpretError(f"name the {role} model with --explainer_model (and --simulator_model if it differs)")
+        self.clients = {role: openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=max_retries, timeout=timeout)
+                        for role, u in self.urls.items()}
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
+        self.fmt = 'json_schema'              # json_schema -> json_object -> text, as far as the server goes
+        self.limit_param = 'max_tokens'       # or max_completion_tokens, when a server refuses max_tokens
+        self.logprobs = True
+
+    async def call(self, role, endpoint, attempt=0, **request):
+        request['model'] = self.models[role]
+        key = hashlib.sha256(json.dumps([self.urls[role], endpoint, request, attempt], sort_keys=True).encode()).hexdigest()
+        if key in self.cache:
+            self.cached += 1
+            return self.cache[key]
+        api = self.clients[role].chat.completions if endpoint == 'chat' else self.clients[role].completions
+        extra = request.pop('extra_body', None)
+        async with self.semaphore:
+            try:
+                response = (await api.create(**request, **({'extra_body': extra} if extra else {}))).model_dump()
+            except self.openai.APIConnectionError:
+                raise InterpretError(f"cannot reach the {role} server at {self.urls[role]}; start it or fix --base_url")
+            except self.openai.AuthenticationError:
+                raise InterpretError(f"the {role} server at {self.urls[role]} refused the API key; set --api_key or OPENAI_API_KEY")
+            except self.openai.NotFoundError:
+                raise InterpretError(f"model {self.models[role]!r} not found at {self.urls[role]}; check --{role}_model")
+        if extra:
+            request['extra_body'] = extra
+        self.requests += 1
+        usage = response.get('usage') or {}
+        self.prompt_tokens += usage.get('prompt_tokens') or 0
+        self.completion_tokens += usage.get('completion_tokens') or 0
+        self.cache[key] = response
+        self.cache_file.write(json.dumps({'key': key, 'response': response}) + '\n')
+        self.cache_file.flush()
+        return response
+
+    async def chat(self, role, attempt=0, **request):
+        """A chat request, resent with max_completion_tokens if the server refuses max_tokens."""
+        while True:
+            req = dict(request)
+            if self.limit_param != 'max_tokens' and 'max_tokens' in req:
+                req[self.limit_param] = req.pop('max_tokens')
+            try:
+                return await self.call(role, 'chat', attempt, **req)
+            except self.openai.BadRequestError as e:
+                if 'max_tokens' in str(e) and self.limit_param == 'max_tokens':
+                    self.limit_param = 'max_completion_tokens'
+                    continue
+                raise
+
+    async def explain(self, expl, m, decode):
+        for attempt in range(bad_answer_retries + 1):
+            r = await self.chat('explainer', attempt, messages=explainer_messages(expl, m, decode), max_tokens=60,
+                                temperature=explainer_temperature, seed=seed)
+            text = clean_explanation(r['choices'][0]['message'].get('content'))
+            if text:
+                return text
+        return None
+
+    async def simulate_chat(self, explanation, toks, decode):
+        """(predictions, hard) for one excerpt, or None after bounded retries of bad answers."""
+        tokens = [decode([t]) for t in toks]
+        for attempt in range(bad_answer_retries + 1):
+            while True:
+                req = {'messages': simulator_messages(explanation, tokens), 'max_tokens': 8 * len(tokens) + 40,
+                       'temperature': 0, 'seed': seed}
+                if self.fmt == 'json_schema':
+                    req['response_format'] = activation_schema(len(tokens))
+                elif self.fmt == 'json_object':
+                    req['response_format'] = {'type': 'json_object'}
+                if self.logprobs:
+                    req.update(logprobs=True, top_logprobs=20)
+                try:
+                    r = await self.chat('simulator', attempt, **req)
+                    break
+                except self.openai.BadRequestError as e:
+                    msg = str(e).lower()
+                    if self.logprobs and 'logprob' in msg:
+                        self.logprobs = False
+                    elif self.fmt != 'text':
+                        self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[self.fmt]
+                    else:
+                        raise InterpretError(f"the simulator server at {self.urls['simulator']} rejects every chat "
+                                             f"request ({e}); try --simulator=all-at-once or tokens")
+            choice = r['choices'][0]
+            values = parse_activations(choice['message'].get('content'), len(tokens))
+            if values is None:
+                continue
+            expected = expected_from_logprobs(((choice.get('logprobs') or {}).get('content')), len(tokens))
+            return (np.array(expected if expected is not None else values, dtype=np.float64), expected is None)
+        return None
+
+    async def simulate_all_at_once(self, explanation, scoring, decode):
+        """The paper's method: one prompt with every token as 'token<TAB>unknown'; at each 'unknown' the
+        prediction is the expected value over the top-k alternatives that read as 0-10, renormalised."""
+        k = simulator_top_logprobs
+        prompt = (f"We are studying a neuron in a language model. It finds {explanation}. Below, each line is a token "
+                  f"and the neuron's activation on it, from 0 to 10.\n\n")
+        for toks, _ in scoring:
+            prompt += '<start>\n' + ''.join(f"{show_token(decode([t]))}\tunknown\n" for t in toks) + '<end>\n\n'
+        r = await self.call('simulator', 'completions', prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                            logprobs=k, extra_body={'prompt_logprobs': k})
+        choice = r['choices'][0]
+        slots = []   # (token text, {alternative: logprob}) of the prompt
+        if choice.get('prompt_logprobs'):                       # vLLM: one {token_id: {logprob, decoded_token}}
+            for pos in choice['prompt_logprobs']:
+                if pos:
+                    alts = {v['decoded_token']: v['logprob'] for v in pos.values()}
+                    chosen = min(pos.values(), key=lambda v: v.get('rank', 1))['decoded_token']
+                    slots.append((chosen, alts))
+        elif (choice.get('logprobs') or {}).get('top_logprobs'):  # echo=True, logprobs=k
+            lp = choice['logprobs']
+            slots = [(t, alts or {}) for t, alts in zip(lp['tokens'], lp['top_logprobs'])]
+        else:
+            raise InterpretError(f"the simulator server at {self.urls['simulator']} returned no prompt logprobs, which "
+                                 f"--simulator=all-at-once needs; use --simulator=chat or --simulator=tokens")
+        preds = []
+        for text, alts in slots:
+            if text.strip() == 'unknown':
+                probs = {int(a.strip()): math.exp(v) for a, v in alts.items() if a.strip().isdigit() and int(a.strip()) <= 10}
+                total = sum(probs.values())
+                preds.append(sum(a * p for a, p in probs.items()) / total if total else 0.0)
+        want = sum(len(t) for t, _ in scoring)
+        if len(preds) != want:
+            return None
+        out, i = [], 0
+        for toks, _ in scoring:
+            out.append(np.array(preds[i:i + len(toks)]))
+            i += len(toks)
+        return out
+
+
+async def simulate(llm, explanation, scoring, decode):
+    """Predictions for every scoring excerpt and whether any is 'hard' (integers, no logprobs); None = failed."""
+    if simulator == 'all-at-once':
+        preds = await llm.simulate_all_at_once(explanation, scoring, decode)
+        return (preds, False) if preds is not None else None
+    results = await asyncio.gather(*(llm.simulate_chat(explanation, toks, decode) for toks, _ in scoring))
+    if any(r is None for r in results):
+        return None
+    return [p for p, _ in results], any(h for _, h in results)
 
 
 # --- reports --------------------------------------------------------------------------------------------------
@@ -466,8 +772,8 @@ def main():
     autocast = torch.autocast(device_type=dev.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
     if protocol not in ('openai', 'anthropic', 'all'):
         raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
-    if simulator != 'tokens':
-        raise InterpretError(f"simulator must be 'tokens' (the token-lookup baseline), got {simulator!r}")
+    if simulator not in ('chat', 'all-at-once', 'tokens'):
+        raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
     try:
         model = load_model(ckpt, dev)
     except (FileNotFoundError, ValueError) as e:
@@ -531,22 +837,35 @@ def main():
 
     enc = gpt2_tokenizer()
     decode = lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab])
+    recs = {l: dict(np.load(os.path.join(folder, f'records_L{l}.npz'))) for l in layer_ids}
+    llm = None if simulator == 'tokens' else LLM(folder)
+    run_key = hashlib.sha256(json.dumps([settings, simulator, explainer_model, simulator_model, base_url,
+                                         simulator_base_url, explainer_temperature, simulator_top_logprobs, seed,
+                                         bad_answer_retries]).encode()).hexdigest()[:16]
+    scores_path = os.path.join(folder, 'scores.jsonl')
+    done = read_finished(scores_path, run_key) if resume else {}
+    if not resume and os.path.exists(scores_path):
+        os.remove(scores_path)
+    todo = [(l, n, int(neuron)) for l in layer_ids for n, neuron in enumerate(recs[l]['neurons']) if (l, int(neuron)) not in done]
+    if done:
+        print(f"resuming: {len(done)} neurons already scored, {len(todo)} to go")
+    if dry_run:
+        print(estimate(todo, recs, protocols, decode))
+        return
+    unfinished = asyncio.run(score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key))
     rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in METHODS[p]}
-    for l in layer_ids:
-        rec = dict(np.load(os.path.join(folder, f'records_L{l}.npz')))
-        for n, neuron in enumerate(tqdm(rec['neurons'], desc=f'score layer {l}', unit='neuron', file=sys.stderr)):
-            scores = {}
-            for p in protocols:
-                scores.update(score_neuron(rec, n, p, decode))
-            for m, s in scores.items():
-                per_method[m][l].append(s)
-            defined = [s['score'] for s in scores.values() if s['score'] is not None]
-            rows.append({'layer': l, 'neuron': int(neuron), 'scores': scores, 'best': max(defined) if defined else None})
+    for (l, neuron), scores in sorted(done.items()):
+        for m, sc in scores.items():
+            per_method[m][l].append(sc)
+        defined = [sc['score'] for sc in scores.values() if sc['score'] is not None]
+        rows.append({'layer': l, 'neuron': neuron, 'scores': scores, 'best': max(defined) if defined else None})
     ck = torch.load(ckpt if not os.path.isdir(ckpt) else os.path.join(ckpt, 'ckpt.pt'), map_location='cpu', weights_only=False)
     val_loss = ck.get('best_val_loss')
     summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
                'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
-               'simulator_label': 'token-lookup baseline, not the LLM metric', 'settings': settings,
+               'simulator_label': ('token-lookup baseline, not the LLM metric' if llm is None else
+                                   f"explainer {llm.models['explainer']}, simulator {llm.models['simulator']} ({simulator})"),
+               'settings': settings, 'unfinished': len(unfinished),
                'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},
                'methods': {m: {'layers': {str(l): v for l, v in s['layers'].items()}, 'model': s['model']}
                            for m, s in ((m, summarize(v)) for m, v in per_method.items())}}
@@ -561,7 +880,82 @@ def main():
         f.write(md)
     write_report(folder, summary, rows, decode)
     print(md)
+    if llm is not None:
+        print(f"LLM: {llm.requests} requests ({llm.cached} answered from the cache), "
+              f"{llm.prompt_tokens:,} prompt + {llm.completion_tokens:,} completion tokens")
     print(f"wrote {folder}/neurons.jsonl, summary.json, summary.md, report.html")
+    if unfinished:
+        print(f"error: {len(unfinished)} neurons unfinished after server errors ({unfinished[0]}); run the same "
+              f"command again to finish them", file=sys.stderr)
+        sys.exit(1)
+
+
+def read_finished(path, run_key):
+    """{(layer, neuron): scores} that an earlier run with the same settings finished; a torn line is skipped."""
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for i, line in enumerate(f):
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    print(f"warning: skipping a torn line {i + 1} of {path}", file=sys.stderr)
+                    continue
+                if r.get('run') == run_key:
+                    done[(r['layer'], r['neuron'])] = r['scores']
+    return done
+
+
+async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key):
+    """Score the neurons concurrently (the LLM's semaphore bounds the requests in flight), appending each to
+    scores.jsonl as it finishes. Returns the neurons left unfinished by server errors."""
+    transient = () if llm is None else (llm.openai.APIStatusError, llm.openai.APITimeoutError)
+    unfinished = []
+    bar = tqdm(total=len(todo), desc='explain, simulate, score', unit='neuron', file=sys.stderr)
+    with open(scores_path, 'a') as out_f:
+        async def one(l, n, neuron):
+            try:
+                scores = {}
+                for p in protocols:
+                    scores.update(await score_neuron(recs[l], n, p, decode, llm))
+            except transient as e:
+                unfinished.append(f"layer {l} neuron {neuron}: {type(e).__name__}")
+                return
+            done[(l, neuron)] = scores
+            out_f.write(json.dumps({'run': run_key, 'layer': l, 'neuron': neuron, 'scores': scores}) + '\n')
+            out_f.flush()
+            bar.update()
+        await asyncio.gather(*(one(*t) for t in todo))
+    bar.close()
+    return unfinished
+
+
+def estimate(todo, recs, protocols, decode):
+    """What a run would ask of the servers: requests and about how many tokens (4 characters a token)."""
+    if simulator == 'tokens':
+        return f"--simulator=tokens makes no requests ({len(todo)} neurons to score)"
+    requests, chars, completion = 0, 0, 0
+    placeholder = 'a short phrase of about ten words describing what the neuron responds to'
+    for l, n, _ in todo:
+        for p in protocols:
+            expl = excerpts(recs[l], p, SETS[METHODS[p][0]][1], n)
+            m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
+            if not m > 0:
+                continue
+            requests += 1
+            chars += sum(len(x['content']) for x in explainer_messages(expl, m, decode))
+            completion += 60
+            sets = [excerpts(recs[l], p, SETS[meth][2], n) for meth in METHODS[p]]
+            if simulator == 'all-at-once':
+                requests += len(sets)
+                chars += sum(200 + sum(12 * len(t) for t, _ in sc) for sc in sets)
+            else:   # one request per distinct excerpt; random_only's are a subset of top_and_random's
+                for toks, _ in sets[0]:
+                    requests += 1
+                    chars += sum(len(x['content']) for x in simulator_messages(placeholder, [decode([t]) for t in toks]))
+                    completion += 3 * len(toks) + 10
+    return (f"dry run: {len(todo)} neurons, about {requests:,} requests, {chars // 4:,} prompt tokens and up to "
+            f"{completion:,} completion tokens")
 
 
 def benchmark(model, seqs, layer_ids, cols, dev, autocast):

@@ -51,7 +51,7 @@ def val_dir(tmp_path_factory):
     return d
 
 
-ARGS = ['--n_openai=64', '--n_anthropic=40', '--device=cpu', '--batch_size=16']
+ARGS = ['--simulator=tokens', '--n_openai=64', '--n_anthropic=40', '--device=cpu', '--batch_size=16']
 
 
 def neurons_of(folder):
@@ -151,9 +151,11 @@ def test_quantize_and_pooled_pearson():
     assert I.pearson(np.concatenate(x), np.concatenate(y)) == pytest.approx(want, rel=1e-12)
     assert I.pearson([1, 2, 3], [2, 4, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
     assert I.pearson([1, 1, 1], [1, 2, 3]) is None and I.pearson([1, 2, 3], [0, 0, 0]) is None
-    s = I.summarize({0: [{'dead': False, 'score': 0.5}, {'dead': False, 'score': 0.1}, {'dead': False, 'score': None},
-                         {'dead': True, 'score': None}], 1: [{'dead': False, 'score': 0.2}]})
-    assert s['layers'][0] == {'mean': pytest.approx(30.0), 'std': pytest.approx(20.0), 'scored': 2, 'undefined': 1, 'dead': 1}
+    s = I.summarize({0: [{'dead': False, 'score': 0.5}, {'dead': False, 'score': 0.1, 'hard': True},
+                         {'dead': False, 'score': None, 'failed': True}, {'dead': True, 'score': None}],
+                     1: [{'dead': False, 'score': 0.2}]})
+    assert s['layers'][0] == {'mean': pytest.approx(30.0), 'std': pytest.approx(20.0), 'scored': 2, 'undefined': 1,
+                              'dead': 1, 'failed': 1, 'hard': 1}
     assert s['model']['mean'] == pytest.approx(25.0) and s['model']['var'] == pytest.approx(25.0)
     assert s['model']['mean_excl_last'] == pytest.approx(30.0)
 
