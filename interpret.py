@@ -44,7 +44,7 @@ ckpt = 'out'                 # checkpoint file or directory (ours or a released 
 data = 'data/pile'           # folder holding val.bin (prepare.py)
 out = ''                     # default: <checkpoint folder>/interp
 layers = 'all'               # 'all' or a comma list, e.g. '0,2'
-neurons = 'all'              # 'all' or how many per layer, a seeded random sample
+neurons = 'all'              # 'all', how many per layer (a seeded random sample), or a list: '5,41,300'
 protocol = 'all'             # 'openai', 'anthropic' or 'all'
 n_openai = 8000              # sequences for the OpenAI protocol (the paper's N)
 n_anthropic = 800            # sequences for the Anthropic protocol (a prefix of the same stream)
@@ -541,13 +541,13 @@ class LLM:
     async def chat(self, role, attempt=0, **request):
         """A chat request, resent with max_completion_tokens if the server refuses max_tokens."""
         while True:
-            req = dict(request)
-            if self.limit_param != 'max_tokens' and 'max_tokens' in req:
-                req[self.limit_param] = req.pop('max_tokens')
+            req, limit = dict(request), self.limit_param
+            if limit != 'max_tokens' and 'max_tokens' in req:
+                req[limit] = req.pop('max_tokens')
             try:
                 return await self.call(role, 'chat', attempt, **req)
             except self.openai.BadRequestError as e:
-                if 'max_tokens' in str(e) and self.limit_param == 'max_tokens':
+                if 'max_tokens' in str(e) and limit == 'max_tokens':
                     self.limit_param = 'max_completion_tokens'
                     continue
                 raise
@@ -566,23 +566,25 @@ class LLM:
         tokens = [decode([t]) for t in toks]
         for attempt in range(bad_answer_retries + 1):
             while True:
+                fmt, logprobs = self.fmt, self.logprobs     # as sent; other requests may downgrade meanwhile
                 req = {'messages': simulator_messages(explanation, tokens), 'max_tokens': 8 * len(tokens) + 40,
                        'temperature': 0, 'seed': seed}
-                if self.fmt == 'json_schema':
+                if fmt == 'json_schema':
                     req['response_format'] = activation_schema(len(tokens))
-                elif self.fmt == 'json_object':
+                elif fmt == 'json_object':
                     req['response_format'] = {'type': 'json_object'}
-                if self.logprobs:
+                if logprobs:
                     req.update(logprobs=True, top_logprobs=20)
                 try:
                     r = await self.chat('simulator', attempt, **req)
                     break
                 except self.openai.BadRequestError as e:
-                    msg = str(e).lower()
-                    if self.logprobs and 'logprob' in msg:
+                    if (fmt, logprobs) != (self.fmt, self.logprobs):
+                        continue                                # already downgraded by another request
+                    if logprobs and 'logprob' in str(e).lower():
                         self.logprobs = False
-                    elif self.fmt != 'text':
-                        self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[self.fmt]
+                    elif fmt != 'text':
+                        self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[fmt]
                     else:
                         raise InterpretError(f"the simulator server at {self.urls['simulator']} rejects every chat "
                                              f"request ({e}); try --simulator=all-at-once or tokens")
@@ -605,22 +607,20 @@ class LLM:
         r = await self.call('simulator', 'completions', prompt=prompt, max_tokens=1, temperature=0, echo=True,
                             logprobs=k, extra_body={'prompt_logprobs': k})
         choice = r['choices'][0]
-        slots = []   # (token text, {alternative: logprob}) of the prompt
-        if choice.get('prompt_logprobs'):                       # vLLM: one {token_id: {logprob, decoded_token}}
-            for pos in choice['prompt_logprobs']:
-                if pos:
-                    alts = {v['decoded_token']: v['logprob'] for v in pos.values()}
-                    chosen = min(pos.values(), key=lambda v: v.get('rank', 1))['decoded_token']
-                    slots.append((chosen, alts))
-        elif (choice.get('logprobs') or {}).get('top_logprobs'):  # echo=True, logprobs=k
-            lp = choice['logprobs']
+        slots = []   # (token text or None, {alternative: logprob}) of each prompt position
+        lp = choice.get('logprobs') or {}
+        if lp.get('tokens') and lp.get('top_logprobs'):          # echo=True, logprobs=k: the prompt's own tokens
             slots = [(t, alts or {}) for t, alts in zip(lp['tokens'], lp['top_logprobs'])]
+        elif choice.get('prompt_logprobs'):                      # vLLM: {token_id: {logprob, rank, decoded_token}},
+            for pos in choice['prompt_logprobs']:                # the prompt's token among them
+                alts = {v['decoded_token']: v['logprob'] for v in (pos or {}).values()}
+                slots.append(('unknown' if any(a.strip() == 'unknown' for a in alts) else None, alts))
         else:
             raise InterpretError(f"the simulator server at {self.urls['simulator']} returned no prompt logprobs, which "
                                  f"--simulator=all-at-once needs; use --simulator=chat or --simulator=tokens")
         preds = []
         for text, alts in slots:
-            if text.strip() == 'unknown':
+            if text is not None and text.strip() == 'unknown':
                 probs = {int(a.strip()): math.exp(v) for a, v in alts.items() if a.strip().isdigit() and int(a.strip()) <= 10}
                 total = sum(probs.values())
                 preds.append(sum(a * p for a, p in probs.items()) / total if total else 0.0)
@@ -788,6 +788,11 @@ def main():
     h = cfg.hidden
     if neurons == 'all':
         cols = {l: list(range(h)) for l in layer_ids}
+    elif ',' in neurons:
+        chosen = sorted({int(x) for x in neurons.split(',') if x.strip()})
+        if not chosen or not all(0 <= j < h for j in chosen):
+            raise InterpretError(f"--neurons={neurons}: neurons are numbered 0..{h - 1}")
+        cols = {l: chosen for l in layer_ids}
     else:
         k = int(neurons)
         if not 0 < k <= h:
