@@ -21,6 +21,7 @@ from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ModelConfig:
     ista_eta: float = 0.1        # step size eta
     ista_lambda: float = 0.1     # sparsity weight lambda
     activation: str = 'relu'     # MLP only: 'relu' (the paper's baseline) or 'gelu'
+    ista_checkpoint: bool = False  # recompute ISTA's codes in backward: less activation memory, one more pass
 
     def __post_init__(self):
         checks = [
@@ -129,17 +131,25 @@ class ISTA(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, fan_in = d
         self.weight.keep_init = True                            # not touched by the N(0, 0.02) init
         self.steps, self.eta, self.lam = cfg.ista_steps, cfg.ista_eta, cfg.ista_lambda
+        self.checkpoint = cfg.ista_checkpoint
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, steer=None):
+    def codes(self, x):
         W = self.weight                                      # D^T
         Dtx = F.linear(x, W)                                 # D^T x, computed once
         a = F.relu(self.eta * Dtx - self.eta * self.lam)     # step 1 from A_0 = 0
         for _ in range(self.steps - 1):
             DtDa = F.linear(a @ W, W)                        # D^T D A_{k-1}
             a = F.relu(a + self.eta * (Dtx - DtDa) - self.eta * self.lam)
+        return a
+
+    def forward(self, x, steer=None):
+        if self.checkpoint and torch.is_grad_enabled():
+            a = torch.utils.checkpoint.checkpoint(self.codes, x, use_reentrant=False)
+        else:
+            a = self.codes(x)
         a = steer_(a, steer)
-        return self.dropout(a @ W), a                        # D A_t, and the codes A_t
+        return self.dropout(a @ self.weight), a              # D A_t, and the codes A_t
 
 
 class MLP(nn.Module):

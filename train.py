@@ -67,6 +67,11 @@ dtype = 'auto'                     # 'auto' (bf16 on CUDA where supported, else 
 compile = None                     # None: on for CUDA, off elsewhere
 backend = 'auto'                   # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
 peak_tflops = 0.0                  # for MFU where the device is not known (CPU); 0 = detect or leave MFU out
+ista_checkpoint = False            # recompute ISTA's codes in the backward pass instead of keeping them
+# benchmark mode: --bench=crate,gpt2 times each model at this config's size (no data, eval or checkpoints)
+bench = ''
+bench_steps = 10                   # timed optimizer steps per model per round
+bench_rounds = 3                   # rounds, the models alternating, after one warm-up (and compile) round
 # -----------------------------------------------------------------------------------------------------------
 config = configure(script_defaults(globals()), sys.argv[1:])
 globals().update(config)
@@ -110,7 +115,7 @@ autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=d
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-if master:
+if master and not bench:
     os.makedirs(out_dir, exist_ok=True)
     print(f"{world_size} process(es) on {device} ({dtype}), {tokens_per_iter:,} tokens per iteration "
           f"= {gradient_accumulation_steps} accumulation x {batch_size} sequences x {block_size} tokens")
@@ -119,7 +124,7 @@ if master:
 # same way, each rank taking its own micro-steps of the global batch, so N processes see exactly the
 # batches one process with N times the accumulation would, and the generator's state resumes exactly.
 data_path = os.path.join(data_dir, dataset)
-for split in ('train', 'val'):
+for split in () if bench else ('train', 'val'):
     f = os.path.join(data_path, f'{split}.bin')
     if not os.path.exists(f):
         fail(f"{f} not found: make it with `python prepare.py --dataset={dataset}` "
@@ -202,9 +207,88 @@ def peak_flops():
     return None
 
 
+def activation_bytes(model, x, y):
+    """Bytes of the tensors one forward pass keeps for the backward pass (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) - sum(p.untyped_storage().nbytes() for p in model.parameters())
+
+
+def benchmark():
+    """Train each named model for bench_steps steps per round, alternating, and print one line per model."""
+    kinds = {'crate': dict(attn='mssa', ffn='ista', bias=True), 'gpt2': dict(attn='mha', ffn='mlp', bias=False),
+             'this': {}}
+    names = bench.split(',')
+    for name in names:
+        if name not in kinds:
+            fail(f"--bench: unknown model {name!r}; name some of crate, gpt2, this (the config's model)")
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (batch_size, block_size + 1), generator=g)
+    x, y = to_device(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    runs = {}
+    for name in names:
+        torch.manual_seed(seed)
+        m = Transformer(ModelConfig(**{**model_args, **kinds[name]})).to(device)
+        opt = m.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+        act = activation_bytes(m, x, y)
+        runs[name] = {'raw': m, 'model': torch.compile(m) if compile else m, 'opt': opt, 'act': act, 'times': []}
+    sync = (lambda: torch.cuda.synchronize(device)) if device_type == 'cuda' else (lambda: None)
+
+    def steps(r, n):
+        for _ in range(n):
+            with autocast:
+                _, loss = r['model'](x, y)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(r['model'].parameters(), grad_clip)
+            r['opt'].step()
+            r['opt'].zero_grad(set_to_none=True)
+    for r in runs.values():
+        steps(r, 2)                                   # warm-up and compilation
+    for _ in range(bench_rounds):
+        for name, r in runs.items():
+            if device_type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            t0 = time.time()
+            steps(r, bench_steps)
+            sync()
+            r['times'].append((time.time() - t0) / bench_steps)
+            r['peak'] = torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else None
+    tokens_per_step = batch_size * block_size
+    print(f"benchmark on {device} ({dtype}{', compiled' if compile else ''}): {n_layer} layers, d={n_embd}, "
+          f"batch {batch_size} x {block_size}, {bench_rounds} rounds x {bench_steps} steps, median step")
+    for name, r in runs.items():
+        dt = float(np.median(r['times']))
+        fpt = r['raw'].flops_per_token(block_size)
+        mfu = f"{fpt * tokens_per_step / dt / peak * 100:5.1f}%" if peak else "  n/a"
+        mem = f", peak memory {r['peak'] / 2**20:,.0f} MiB" if r['peak'] is not None else ""
+        r['tpt'] = dt / tokens_per_step
+        print(f"{name:6s} {r['raw'].get_num_params() / 1e6:7.2f}M params  {tokens_per_step / dt:12,.0f} tok/s  "
+              f"{dt * 1000:9.1f} ms/step  {fpt / 1e6:9.1f} MFLOPs/token  MFU {mfu}  "
+              f"activations {r['act'] / 2**20:,.1f} MiB{mem}")
+    if 'crate' in runs and 'gpt2' in runs:
+        c, gp = runs['crate'], runs['gpt2']
+        t_ratio = c['tpt'] / gp['tpt']
+        f_ratio = c['raw'].flops_per_token(block_size) / gp['raw'].flops_per_token(block_size)
+        print(f"crate/gpt2: time per token {t_ratio:.3f}, FLOPs per token {f_ratio:.3f} "
+              f"(time over FLOPs {t_ratio / f_ratio:.3f}), activation memory {c['act'] / gp['act']:.2f}")
+
+
 # model, optimizer, and state to resume from
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss = 0, float('inf')
+peak = peak_flops()
+if bench:
+    benchmark()
+    sys.exit(0)
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist; train from scratch first or fix out_dir")
@@ -242,7 +326,6 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-peak = peak_flops()
 if master:
     print(f"{raw_model.get_num_params():,} parameters ({attn} + {ffn}, {n_layer} layers, d={n_embd}), "
           f"{raw_model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token")

@@ -182,3 +182,25 @@ def test_bad_config_is_a_clear_error():
         ModelConfig(attn='linear')
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(n_embd=100, n_head=3)
+
+
+def test_ista_recomputation_gives_the_same_gradients_with_less_memory():
+    from torch.autograd.graph import saved_tensors_hooks
+    grads, saved = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(8)
+        model = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, ista_checkpoint=ckpt))
+        idx = torch.randint(0, 64, (4, 16))
+        sizes = {}
+
+        def pack(t):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(idx, idx)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        saved.append(sum(sizes.values()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert saved[1] < saved[0] - 2 * 4 * 16 * 128 * 4     # at least two h-sized tensors per layer fewer
