@@ -763,6 +763,8 @@ def compare(folders):
 # --- main -----------------------------------------------------------------------------------------------------
 
 def model_name(cfg):
+    if hasattr(cfg, 'base_name'):
+        return f"{cfg.base_name} + SAE"
     return {('mssa', 'ista'): 'CRATE', ('mha', 'mlp'): 'GPT-2'}.get((cfg.attn, cfg.ffn), f'{cfg.attn}+{cfg.ffn}')
 
 
@@ -865,7 +867,7 @@ def main():
         defined = [sc['score'] for sc in scores.values() if sc['score'] is not None]
         rows.append({'layer': l, 'neuron': neuron, 'scores': scores, 'best': max(defined) if defined else None})
     ck = torch.load(ckpt if not os.path.isdir(ckpt) else os.path.join(ckpt, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    val_loss = ck.get('best_val_loss')
+    val_loss = None if 'sae' in ck else ck.get('best_val_loss')   # an SAE's own loss is no language-model loss
     summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
                'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
                'simulator_label': ('token-lookup baseline, not the LLM metric' if llm is None else

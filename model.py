@@ -109,7 +109,10 @@ class MHA(nn.Module):
 
 
 def steer_(a, steer):
-    """Overwrite neuron j with value v at every position, for each (j, v) in steer; returns a new tensor."""
+    """Overwrite neuron j with value v at every position, for each (j, v) in steer; returns a new tensor.
+    steer may instead be a function of the neurons that returns their replacement (e.g. an SAE's reconstruction)."""
+    if callable(steer):
+        return steer(a)
     if not steer:
         return a
     a = a.clone()
@@ -270,6 +273,148 @@ class Transformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The post-hoc baseline: a sparse autoencoder on one layer's neurons of a frozen, trained model.
+
+class SparseAutoencoder(nn.Module):
+    """f = ReLU(W_enc (x - b_dec) + b_enc),  x_hat = W_dec f + b_dec,  m features for n inputs.
+    loss = mean over tokens of ||x_hat - x||^2 / ||x|| + l1 * sum_i |f_i|, decoder columns kept at unit norm."""
+
+    def __init__(self, n_in, n_features):
+        super().__init__()
+        W = torch.randn(n_in, n_features)
+        W /= W.norm(dim=0, keepdim=True)
+        self.W_dec = nn.Parameter(W)                    # (n, m), columns are the features' directions
+        self.W_enc = nn.Parameter(W.T.clone())          # (m, n)
+        self.b_enc = nn.Parameter(torch.zeros(n_features))
+        self.b_dec = nn.Parameter(torch.zeros(n_in))
+
+    def encode(self, x):
+        return F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
+
+    def decode(self, f):
+        return F.linear(f, self.W_dec, self.b_dec)
+
+    def forward(self, x):
+        f = self.encode(x)
+        return self.decode(f), f
+
+    @staticmethod
+    def loss(x, x_hat, f, l1):
+        recon = ((x_hat - x) ** 2).sum(-1) / x.norm(dim=-1).clamp_min(1e-6)
+        return (recon + l1 * f.abs().sum(-1)).mean()
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self):
+        """Drop the part of each decoder column's gradient along the column: a step then only turns it."""
+        if self.W_dec.grad is not None:
+            W, g = self.W_dec, self.W_dec.grad
+            g -= (g * W).sum(0, keepdim=True) * W
+
+    @torch.no_grad()
+    def normalize_decoder_(self):
+        self.W_dec /= self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def loss_recovered(clean, spliced, zero):
+    """The share of the loss gap between zero-ablating a layer and leaving it alone that the SAE's reconstruction
+    closes: (L_zero - L_spliced) / (L_zero - L_clean)."""
+    return (zero - spliced) / (zero - clean) if zero != clean else float('nan')
+
+
+@dataclass
+class SAEConfig:
+    """What interpret.py and sample.py read of an SAE model: one 'layer' of n_features neurons."""
+    base_layer: int
+    n_in: int
+    n_features: int
+    l1: float
+    block_size: int
+    base_name: str
+    n_layer: int = 1
+
+    @property
+    def hidden(self):
+        return self.n_features
+
+
+class SAEModel(nn.Module):
+    """A frozen base model with an SAE on layer `layer`'s neurons. forward() has the Transformer's signature:
+    with targets it returns the SAE's loss on the base's activations (that is what train.py trains), and its
+    neurons are the SAE's features."""
+
+    def __init__(self, base, layer, n_features, l1):
+        super().__init__()
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base, self.layer = base.eval(), layer
+        self.sae = SparseAutoencoder(base.config.hidden, n_features)
+        name = {('mssa', 'ista'): 'CRATE', ('mha', 'mlp'): 'GPT-2'}.get((base.config.attn, base.config.ffn), 'model')
+        self.config = SAEConfig(layer, base.config.hidden, n_features, l1, base.config.block_size, name)
+        self.register_buffer('fired', torch.zeros(n_features, dtype=torch.bool))  # since the last resampling
+        self.last_x = None
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.base.eval()            # the base stays in eval mode (no dropout)
+        return self
+
+    def activations(self, idx):
+        with torch.no_grad():
+            _, _, neurons = self.base(idx, return_neurons=True)
+        return neurons[self.layer].float()
+
+    def forward(self, idx, targets=None, steer=None, return_neurons=False):
+        x = self.activations(idx)
+        x_hat, f = self.sae(x)
+        loss = None
+        if targets is not None:
+            loss = self.sae.loss(x, x_hat, f, self.config.l1)
+            if self.training:
+                self.fired |= (f > 0).reshape(-1, f.shape[-1]).any(0)
+                self.last_x = x.detach().reshape(-1, x.shape[-1])
+        f = steer_(f, steer.get(0) if steer else None)
+        return (None, loss, [f]) if return_neurons else (None, loss)
+
+    def flops_per_token(self, T=None):
+        """The base's forward pass, and the SAE's two matmuls forward and backward."""
+        return self.base.flops_per_token(T) // 3 + 3 * 4 * self.config.n_in * self.config.n_features
+
+    def splice(self, steer=None):
+        """The base model's steering for 'replace the layer's neurons by the SAE's reconstruction', with
+        features overwritten by steer [(j, v)] first: the lossy path."""
+        return {self.layer: lambda a: self.sae.decode(steer_(self.sae.encode(a.float()), steer)).to(a.dtype)}
+
+    @torch.no_grad()
+    def resample_dead_(self, optimizer):
+        """Features that did not fire since the last call get new directions: the (normalised) inputs the SAE
+        reconstructs worst, sampled with probability proportional to the squared loss; the encoder row is that
+        direction scaled to 0.2 x the mean norm of the live rows, its bias 0, and their Adam moments reset."""
+        dead = torch.nonzero(~self.fired).squeeze(1)
+        self.fired.zero_()
+        if len(dead) == 0 or self.last_x is None:
+            return 0
+        x = self.last_x
+        x_hat, _ = self.sae(x)
+        weight = ((x_hat - x) ** 2).sum(-1) ** 2
+        if weight.sum() <= 0:
+            return 0
+        g = torch.Generator(device=x.device).manual_seed(len(dead))
+        picks = torch.multinomial(weight, len(dead), replacement=len(dead) > len(x), generator=g)
+        d = x[picks] - self.sae.b_dec
+        d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        alive = self.fired.new_ones(self.fired.shape).index_fill_(0, dead, False)
+        scale = 0.2 * (self.sae.W_enc[alive].norm(dim=-1).mean() if alive.any() else 1.0)
+        self.sae.W_dec[:, dead] = d.T
+        self.sae.W_enc[dead] = d * scale
+        self.sae.b_enc[dead] = 0
+        for p, index in ((self.sae.W_dec, (slice(None), dead)), (self.sae.W_enc, dead), (self.sae.b_enc, dead)):
+            for moment in ('exp_avg', 'exp_avg_sq'):
+                if moment in optimizer.state.get(p, {}):
+                    optimizer.state[p][moment][index] = 0
+        return len(dead)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Checkpoints: ours (train.py) and the paper's released CRATE checkpoints (nanoGPT-format dicts).
 
 RELEASED_NAMES = {'transformer.wte.': 'wte.', 'transformer.wpe.': 'wpe.', 'transformer.ln_f.': 'ln_f.',
@@ -305,6 +450,11 @@ def load_model(path, device='cpu'):
     if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
         raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'model' and 'model_args')")
     sd, args = ckpt['model'], ckpt['model_args']
+    if 'sae' in ckpt:                        # an SAE: its base checkpoint, then the SAE on top
+        s = ckpt['sae']
+        model = SAEModel(load_model(s['base'], device), s['layer'], s['n_features'], s['l1'])
+        model.sae.load_state_dict(sd)
+        return model.to(device).eval()
     if any(k.endswith('.ista.weight') for k in sd):
         sd, cfg = from_released(sd, args)
     else:

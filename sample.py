@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from model import configure, load_model, script_defaults
+from model import SAEModel, configure, load_model, script_defaults
 from prepare import PrepareError, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -36,8 +36,10 @@ def fail(msg):
 
 
 def parse_steer(specs, model):
-    """['0:41:100', ...] -> {0: [(41, 100.0)]}, checked against the model's layers and neuron count."""
+    """['0:41:100', ...] -> {0: [(41, 100.0)]}, checked against the model's layers and neuron count. For an SAE
+    the layer is the base model's layer the SAE reads, and the neuron is a feature."""
     out = {}
+    sae = isinstance(model, SAEModel)
     for spec in specs:
         try:
             layer, neuron, value = spec.split(':')
@@ -45,7 +47,9 @@ def parse_steer(specs, model):
         except ValueError:
             fail(f"--steer={spec}: write it as layer:neuron:value, e.g. --steer=0:41:100")
         L, h = model.config.n_layer, model.config.hidden
-        if not (0 <= layer < L and 0 <= neuron < h):
+        if sae and not (layer == model.layer and 0 <= neuron < h):
+            fail(f"--steer={spec}: this SAE reads layer {model.layer} and has features 0..{h - 1}")
+        if not sae and not (0 <= layer < L and 0 <= neuron < h):
             fail(f"--steer={spec}: the model has layers 0..{L - 1} and neurons 0..{h - 1}")
         out.setdefault(layer, []).append((neuron, value))
     return out
@@ -58,6 +62,10 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 steering = parse_steer(steer, model)
+if isinstance(model, SAEModel):   # steer through the SAE: the layer's neurons become its reconstruction (lossy)
+    model, noop, steering = model.base, model.splice(), model.splice(sum(steering.values(), [])) if steering else None
+else:                             # steer the model's own neurons: the machinery alone changes nothing
+    noop = {l: [] for l in steering}
 autocast = torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 try:
     enc = gpt2_tokenizer()
@@ -83,8 +91,11 @@ x = torch.tensor(ids, dtype=torch.long, device=device)[None, -model.config.block
 if show_next:
     with torch.no_grad(), autocast:
         probs = {name: F.softmax(model(x, steer=s)[0][0, -1].float(), dim=-1)
-                 for name, s in (('unsteered', None), ('steered', steering))}
+                 for name, s in (('unsteered', None), ('no-op', noop), ('steered', steering))}
+    p, q = probs['unsteered'], probs['no-op']
+    kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum().item()
     print(f"next token after {start[-60:]!r}")
+    print(f"fidelity: KL(unsteered || intervention with nothing steered) = {kl:.6g} nats")
     columns = ['unsteered'] + (['steered'] if steering else [])
     print('rank  ' + ''.join(f"{c:<32}" for c in columns))
     top = {c: torch.topk(probs[c], show_next) for c in columns}

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, Transformer, configure, script_defaults
+from model import ModelConfig, SAEModel, Transformer, configure, load_model, loss_recovered, script_defaults
 
 # -----------------------------------------------------------------------------------------------------------
 # defaults: the paper's recipe (the Pile, context 1024, ~0.5M tokens a step, AdamW, cosine schedule)
@@ -68,6 +68,12 @@ compile = None                     # None: on for CUDA, off elsewhere
 backend = 'auto'                   # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
 peak_tflops = 0.0                  # for MFU where the device is not known (CPU); 0 = detect or leave MFU out
 ista_checkpoint = False            # recompute ISTA's codes in the backward pass instead of keeping them
+# sparse autoencoder mode: train an SAE on one layer's neurons of a frozen trained model (config/sae_*.py)
+sae_base = ''                      # the base checkpoint; set, the trained model is the SAE
+sae_layer = 0
+sae_expansion = 16                 # features = sae_expansion x the layer's neurons
+sae_l1 = 8e-5
+sae_resample_every = 2500          # iterations; features that did not fire in that window are resampled (0: never)
 # benchmark mode: --bench=crate,gpt2 times each model at this config's size (no data, eval or checkpoints)
 bench = ''
 bench_steps = 10                   # timed optimizer steps per model per round
@@ -176,8 +182,42 @@ def estimate_loss():
         if ddp:
             dist.all_reduce(total)
         out[split] = (total[0] / total[1]).item()
+    if sae_base:
+        out.update(sae_statistics())
     model.train()
     return out
+
+
+@torch.no_grad()
+def sae_statistics():
+    """On the validation slice: normalised reconstruction error, explained variance, L0, dead features, and the
+    language-model loss clean, with the SAE's reconstruction spliced in, and with the layer zero-ablated."""
+    data = tokens('val')
+    offsets = np.linspace(0, len(data) - block_size - 1, eval_iters * batch_size).astype(np.int64)
+    # sums of: squared error, squared norm, squared deviation from the batch mean, active features, tokens,
+    # and clean, spliced, zero-ablated LM loss times sequences, sequences
+    sums = torch.zeros(9, device=device, dtype=torch.float64)
+    fired = torch.zeros(raw_model.config.n_features, device=device)
+    zero = {sae_layer: lambda a: torch.zeros_like(a)}
+    for chunk in np.array_split(offsets, eval_iters)[rank::world_size]:
+        x, y = batch_at(data, chunk)
+        with autocast:
+            a = raw_model.activations(x).reshape(-1, raw_model.config.n_in)
+            a_hat, f = raw_model.sae(a)
+            lm = [raw_model.base(x, y, steer=s)[1].item() for s in (None, raw_model.splice(), zero)]
+        a, a_hat = a.double(), a_hat.double()
+        sums += torch.tensor([((a_hat - a) ** 2).sum().item(), (a ** 2).sum().item(), ((a - a.mean(0)) ** 2).sum().item(),
+                              (f > 0).sum().item(), len(a), *(l * len(chunk) for l in lm), len(chunk)],
+                             device=device, dtype=torch.float64)
+        fired = torch.maximum(fired, (f > 0).any(0).float())
+    if ddp:
+        dist.all_reduce(sums)
+        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+    err, norm, dev, active, n_tok, clean, spliced, zeroed, n_seq = sums.tolist()
+    clean, spliced, zeroed = clean / n_seq, spliced / n_seq, zeroed / n_seq
+    return {'recon_error': err / norm, 'explained_variance': 1 - err / dev, 'l0': active / n_tok,
+            'dead_fraction': 1 - fired.mean().item(), 'lm_loss_clean': clean, 'lm_loss_spliced': spliced,
+            'lm_loss_zero': zeroed, 'loss_recovered': loss_recovered(clean, spliced, zeroed)}
 
 
 def get_lr(it):
@@ -293,7 +333,10 @@ if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist; train from scratch first or fix out_dir")
     checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
-    for k, v in checkpoint['model_args'].items():
+    if bool(sae_base) != ('sae' in checkpoint):
+        fail(f"resume: {ckpt_path} is {'an SAE' if 'sae' in checkpoint else 'a language model'} checkpoint but "
+             f"sae_base is {'set' if sae_base else 'not set'}; use the config it was trained with")
+    for k, v in ({} if sae_base else checkpoint['model_args']).items():
         if model_args.get(k) != v:
             fail(f"resume: {k}={model_args.get(k)!r} here but {v!r} in {ckpt_path}; "
                  f"resume with the same model settings or use a new out_dir")
@@ -302,15 +345,25 @@ elif init_from != 'scratch':
     fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
 torch.manual_seed(seed)
 try:
-    model = Transformer(ModelConfig(**model_args))
-except ValueError as e:
+    if sae_base:
+        base = load_model(sae_base, device)
+        if not 0 <= sae_layer < base.config.n_layer:
+            fail(f"sae_layer={sae_layer}: the base model has layers 0..{base.config.n_layer - 1}")
+        model = SAEModel(base, sae_layer, sae_expansion * base.config.hidden, sae_l1)
+        trained = model.sae                      # what is optimised and checkpointed; the base stays frozen
+    else:
+        model = trained = Transformer(ModelConfig(**model_args))
+except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 if init_from == 'resume':
-    model.load_state_dict(checkpoint['model'])
+    trained.load_state_dict(checkpoint['model'])
 model.to(device)
 raw_model = model
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if sae_base:   # Adam on the SAE (weight decay 0 by its configs)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+else:
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
     sampler.bit_generator.state = checkpoint['rng']['sampler']
@@ -326,7 +379,12 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-if master:
+if sae_base and init_from == 'resume':
+    raw_model.fired.copy_(torch.load(ckpt_path, map_location='cpu', weights_only=False)['sae']['fired'])
+if master and sae_base:
+    c = raw_model.config
+    print(f"SAE on layer {c.base_layer} of {sae_base} ({c.base_name}): {c.n_in} neurons -> {c.n_features} features, l1={c.l1}")
+elif master:
     print(f"{raw_model.get_num_params():,} parameters ({attn} + {ffn}, {n_layer} layers, d={n_embd}), "
           f"{raw_model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token")
 
@@ -338,11 +396,15 @@ def log(record):
 
 def save_checkpoint():
     """Written to a temporary file and renamed: a kill mid-write never leaves a broken ckpt.pt."""
-    state = {'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
+    state = {'model': trained.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
              'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
              'rng': {'sampler': sampler.bit_generator.state, 'torch': torch.get_rng_state(),
                      'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None,
                      'numpy': np.random.get_state()}}
+    if sae_base:
+        state['sae'] = {'base': os.path.abspath(sae_base), 'layer': sae_layer, 'n_features': raw_model.config.n_features,
+                        'l1': sae_l1, 'fired': raw_model.fired.cpu()}
+        state['model_args'] = asdict(raw_model.base.config)
     tmp = ckpt_path + '.tmp'
     torch.save(state, tmp)
     os.replace(tmp, ckpt_path)
@@ -370,7 +432,10 @@ while True:
         stop_on_nonfinite('validation loss', losses['val'])
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+            if sae_base:
+                print('  ' + ', '.join(f"{k} {v:.4f}" for k, v in losses.items() if k not in ('train', 'val')))
+            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+                 **{k: v for k, v in losses.items() if k not in ('train', 'val')}})
             if losses['val'] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses['val'])
                 if iter_num > 0:
@@ -390,11 +455,26 @@ while True:
         scaler.scale(loss).backward()
     if grad_clip:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), grad_clip)
+    if sae_base:
+        trained.remove_parallel_grad_()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if sae_base:
+        trained.normalize_decoder_()
     iter_num += 1
+    if sae_base and sae_resample_every and iter_num % sae_resample_every == 0:
+        if ddp:   # the same dead set on every rank, then rank 0's new directions for all
+            fired = raw_model.fired.to(torch.uint8)
+            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+            raw_model.fired.copy_(fired.bool())
+        n_dead = raw_model.resample_dead_(optimizer)
+        if ddp:
+            for p in trained.parameters():
+                dist.broadcast(p.data, 0)
+        if master:
+            print(f"iter {iter_num}: resampled {n_dead} dead features")
     timed_iters += 1
 
     if iter_num % log_interval == 0:

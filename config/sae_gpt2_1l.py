@@ -1,0 +1,21 @@
+# A sparse autoencoder on GPT-2-1L's MLP neurons (the paper's post-hoc baseline): 16 x 512 = 8192 features,
+# loss ||x_hat - x||^2 / ||x|| + l1 |f|_1 with l1 = 8e-5, Adam lr 4e-4, betas (0.9, 0.999), constant lr.
+# Train the base first: python train.py config/gpt2_1l.py
+out_dir = 'out-sae-gpt2-1l'
+dataset = 'pile'
+sae_base = 'out-gpt2-1l'
+sae_layer = 0
+sae_expansion = 16
+sae_l1 = 8e-5
+sae_resample_every = 2500
+learning_rate = 4e-4
+beta1 = 0.9
+beta2 = 0.999
+weight_decay = 0.0
+decay_lr = False
+grad_clip = 0.0
+batch_size = 32
+gradient_accumulation_steps = 1
+max_iters = 20000
+eval_interval = 1000
+eval_iters = 20
