@@ -64,25 +64,29 @@ def LayerNorm(cfg):
     return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
 
 
+def causal_attention(q, k, v, n_head, dropout):
+    """Per head k: softmax(q_k k_k^T / sqrt(p)) v_k with a causal mask; (B, T, C) in and out."""
+    B, T, C = q.shape
+    heads = lambda t: t.view(B, T, n_head, C // n_head).transpose(1, 2)    # (B, K, T, p)
+    y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True, dropout_p=dropout)
+    return y.transpose(1, 2).contiguous().view(B, T, C)
+
+
 class MSSA(nn.Module):
     """Multi-head subspace self-attention: one projection U per head serves as query, key and value.
     u_k = U_k x;  head_k = softmax(u_k u_k^T / sqrt(p)) u_k (causal);  out = W_o [head_1 ... head_K]."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True
-        self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        B, T, C = x.shape
-        u = self.U(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, K, T, p)
-        y = F.scaled_dot_product_attention(u, u, u, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        u = self.U(x)
+        y = causal_attention(u, u, u, self.n_head, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -91,20 +95,15 @@ class MHA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True
-        self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        q, k, v = self.c_attn(x).split(x.shape[-1], dim=2)
+        y = causal_attention(q, k, v, self.n_head, self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y))
 
 
