@@ -386,7 +386,8 @@ if master and sae_base:
     print(f"SAE on layer {c.base_layer} of {sae_base} ({c.base_name}): {c.n_in} neurons -> {c.n_features} features, l1={c.l1}")
 elif master:
     print(f"{raw_model.get_num_params():,} parameters ({attn} + {ffn}, {n_layer} layers, d={n_embd}), "
-          f"{raw_model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token")
+          f"{raw_model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token"
+          + ("" if peak else "; MFU not shown: the device's peak is unknown (set --peak_tflops)"))
 
 
 def log(record):
@@ -486,8 +487,10 @@ while True:
         dt, t0, timed_iters = (t1 - t0) / timed_iters, t1, 0
         if master:
             mfu = f", mfu {flops_per_iter / dt / peak * 100:.1f}%" if peak else ""
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s{mfu}")
+            eta = (max_iters - iter_num) * dt
+            left = f"{eta / 3600:.1f} h" if eta >= 3600 else f"{eta / 60:.1f} min"
+            print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                  f"{tokens_per_iter / dt:,.0f} tok/s{mfu}, {left} to go")
             log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'ms_per_iter': dt * 1000,
                  'tokens_per_s': tokens_per_iter / dt})
 
