@@ -158,17 +158,24 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
 
     def merge(target):
         """Merge a batch into each neuron's top-k. The top-k lives in k slots per neuron (unordered); a new entry
-        takes the slot of one it pushed out, so only new entries' excerpts are read. Only neurons with a value
-        above their current k-th best are looked at, which after the first batches is few."""
+        takes the slot of one it pushed out, so only new entries' excerpts are read. Only values above their
+        neuron's current k-th best are looked at, which after the first batches are few."""
         ts, acts = target
         for l, st in state.items():
-            a, amax = acts[l]
-            cand = torch.nonzero(amax > st['vals'].min(0).values).squeeze(1)  # neurons with a contender
-            if 2 * len(cand) > a.shape[1]:
-                cand = st['neuron']                                            # most: no copy of a subset
-            if len(cand):
-                sub = (lambda x: x) if len(cand) == a.shape[1] else (lambda x: x[:, cand])
-                vals, idx = torch.topk(torch.cat([sub(st['vals']), sub(a)]), k, dim=0)
+            a = acts[l]
+            r, c = torch.nonzero(a > st['vals'].min(0).values, as_tuple=True)  # contenders: above the k-th best
+            if len(r):
+                # pack each neuron's contenders into a column of a small dense block: (most per neuron, neurons)
+                order = torch.argsort(c, stable=True)
+                r, c = r[order], c[order]
+                counts = torch.bincount(c, minlength=a.shape[1])
+                cand = torch.nonzero(counts).squeeze(1)
+                col = torch.cumsum(counts > 0, 0)[c] - 1
+                row = torch.arange(len(c), device=dev) - (torch.cumsum(counts, 0) - counts)[c]
+                block = torch.full((int(counts.max()), len(cand)), -float('inf'), device=dev)
+                block_pos = torch.zeros(block.shape, dtype=torch.long, device=dev)
+                block[row, col], block_pos[row, col] = a[r, c], ts + r
+                vals, idx = torch.topk(torch.cat([st['vals'][:, cand], block]), k, dim=0)
                 new = idx >= k
                 kept = torch.zeros((k, len(cand)), dtype=torch.long, device=dev)
                 kept = kept.scatter_add_(0, idx.clamp(max=k - 1), (~new).long()) > 0   # old slots still in the top-k
@@ -176,7 +183,7 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
                 r, c = torch.nonzero(new, as_tuple=True)
                 rank = (torch.cumsum(new.to(torch.long), 0) - 1)[r, c]           # i-th new entry of its neuron
                 slot, neuron = free[rank, c], cand[c]
-                pos = ts + idx[r, c] - k
+                pos = block_pos[idx[r, c] - k, c]
                 st['vals'][slot, neuron] = vals[r, c]
                 st['pos'][slot, neuron] = pos
                 st['win'][slot, neuron] = windows(l, pos, neuron)
@@ -191,11 +198,9 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
         sel = {}
         for l in layer_ids:
             full = acts[l].float().reshape(-1, acts_width)
-            amax = full.amax(0)
-            update_stats(stats[l], full, amax)
-            a = full if every[l] else full[:, state[l]['cols']]
-            ring[l][(i // batch_size) % 3, :len(a)] = a
-            sel[l] = (a, amax if every[l] else amax[state[l]['cols']])
+            update_stats(stats[l], full)
+            sel[l] = full if every[l] else full[:, state[l]['cols']]
+            ring[l][(i // batch_size) % 3, :len(sel[l])] = sel[l]
         if pending:
             merge(pending)
         pending = (i * T, sel)
@@ -248,11 +253,11 @@ def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
     return records
 
 
-def update_stats(s, a, amax=None):
+def update_stats(s, a):
     """Accumulate LLM-free statistics of one layer from (positions, h) activations (non-negative neurons)."""
     s['tokens'] = s.get('tokens', 0) + a.shape[0]
     s['nonzero'] = s.get('nonzero', 0) + (a > 0).sum().item()
-    alive = ((a.amax(0) if amax is None else amax) > 0).cpu()
+    alive = (a.amax(0) > 0).cpu()
     s['alive'] = alive if 'alive' not in s else s['alive'] | alive
 
 
