@@ -145,16 +145,19 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
                     'rwin': torch.full(rand.shape + (len(offsets),), float('nan'), device=dev),
                     'cols': torch.as_tensor(cols[l], device=dev), 'neuron': torch.arange(n, device=dev)}
 
-    BT = batch_size * T
-    ring = {l: torch.zeros((3, BT, len(cols[l])), device=dev) for l in layer_ids}  # the last three batches
+    recent = []   # (first position, {layer: (positions, neurons)}) of the last three batches
 
     def windows(l, pos, neuron):
-        """Activations of `neuron` on the excerpt around each position (read from the ring of the last three
-        batches, where the excerpt's batch and its neighbours are), NaN beyond the stream's ends."""
+        """Activations of `neuron` on the excerpt around each position, read from the last three batches (where
+        an excerpt's batch and its neighbours are), NaN beyond the stream's ends."""
         wp = pos[..., None] + offsets
-        q = wp.clamp(0, P - 1)
-        vals = ring[l][(q // BT) % 3, q % BT, neuron[..., None].expand_as(q)]
-        return torch.where((wp >= 0) & (wp < P), vals, torch.full_like(vals, float('nan')))
+        nb = neuron[..., None].expand_as(wp)
+        vals = torch.full(wp.shape, float('nan'), device=dev)
+        for start, acts in recent:
+            a = acts[l]
+            inside = (wp >= start) & (wp < start + a.shape[0])
+            vals[inside] = a[wp[inside] - start, nb[inside]]
+        return vals
 
     def merge(target):
         """Merge a batch into each neuron's top-k. The top-k lives in k slots per neuron (unordered); a new entry
@@ -192,7 +195,6 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
                 st['rwin'][r, c] = windows(l, st['rand'][r, c], r)
 
     every = {l: len(cols[l]) == acts_width for l in layer_ids}
-    pending = None   # the batch whose right neighbour is being computed
     for i, acts in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
                         desc='openai: top activations and excerpts', unit='batch', file=sys.stderr):
         sel = {}
@@ -200,11 +202,13 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
             full = acts[l].float().reshape(-1, acts_width)
             update_stats(stats[l], full)
             sel[l] = full if every[l] else full[:, state[l]['cols']]
-            ring[l][(i // batch_size) % 3, :len(sel[l])] = sel[l]
-        if pending:
-            merge(pending)
-        pending = (i * T, sel)
-    merge(pending)
+        recent = recent[-2:] + [(i * T, sel)]
+        if len(recent) >= 2:
+            merge(recent[-2])        # the batch before this one: both its neighbours are at hand
+    recent = recent[-2:]
+    merge(recent[-1])
+    for l in layer_ids:
+        stats[l]['alive'] = (state[l]['vals'].max(0).values > 0).cpu()   # a neuron's best value says it
     records = {}
     for l, st in state.items():
         order = torch.argsort(st['vals'], dim=0, descending=True, stable=True)     # slots in rank order
@@ -238,6 +242,9 @@ def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
                 if stats is not None and c0 == 0:
                     update_stats(stats[l], a[l].float().reshape(-1, a[l].shape[-1]))
                 M[i * T:i * T + a[l].shape[0] * T] = a[l].float()[:, :, cc].reshape(-1, len(cc)).cpu()
+            if stats is not None:
+                alive = (M.amax(0) > 0)
+                stats[l]['alive'] = alive if c0 == 0 else torch.cat([stats[l]['alive'], alive])
             order = torch.sort(M, dim=0, descending=True, stable=True).indices.numpy()   # ranks -> positions
             for j in range(len(cc)):
                 n = c0 + j
@@ -257,8 +264,6 @@ def update_stats(s, a):
     """Accumulate LLM-free statistics of one layer from (positions, h) activations (non-negative neurons)."""
     s['tokens'] = s.get('tokens', 0) + a.shape[0]
     s['nonzero'] = s.get('nonzero', 0) + (a > 0).sum().item()
-    alive = (a.amax(0) > 0).cpu()
-    s['alive'] = alive if 'alive' not in s else s['alive'] | alive
 
 
 def save_records(folder, l, cols, recs, tokens):
@@ -840,7 +845,7 @@ def main():
             top_tok = stream.reshape(-1)[recs[l][protocols[0]]['pos'][:, :TOP]]
             conc = np.mean([np.unique(row, return_counts=True)[1].max() / len(row) for row in top_tok])
             stats[l] = {'zero_fraction': round(1 - st['nonzero'] / (st['tokens'] * h), 4),
-                        'l0': round(st['nonzero'] / st['tokens'], 2), 'dead': int((~st['alive']).sum()), 'neurons': h,
+                        'l0': round(st['nonzero'] / st['tokens'], 2), 'dead': int((~st['alive']).sum()), 'neurons': len(cols[l]),
                         'top_token_concentration': round(float(conc), 3), 'tokens': st['tokens']}
             save_records(folder, l, cols[l], recs[l], stream)
         with open(meta_path + '.tmp', 'w') as f:

@@ -74,6 +74,9 @@ def test_planted_neuron_scores_one_and_dead_neuron_is_reported(val_dir, tmp_path
     assert rows[PLANT]['scores']['anthropic']['score'] == pytest.approx(1.0, abs=1e-9)
     summary = json.load(open(tmp_path / 'm' / 'interp' / 'summary.json'))
     assert summary['val_loss'] == 3.21 and summary['simulator_label'].startswith('token-lookup baseline')
+    stats = summary['stats']['0']
+    assert stats['neurons'] == 256 and stats['dead'] >= 1 and 0.3 < stats['zero_fraction'] < 1
+    assert stats['l0'] == pytest.approx(256 * (1 - stats['zero_fraction']), abs=0.02)
     layer = summary['methods']['top_and_random']['layers']['0']
     assert layer['dead'] >= 1 and layer['scored'] + layer['dead'] + layer['undefined'] == 256
     report = open(tmp_path / 'm' / 'interp' / 'report.html').read()
