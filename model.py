@@ -137,12 +137,13 @@ class ISTA(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def codes(self, x):
-        W = self.weight                                      # D^T
-        Dtx = F.linear(x, W)                                 # D^T x, computed once
-        a = F.relu(self.eta * Dtx - self.eta * self.lam)     # step 1 from A_0 = 0
-        for _ in range(self.steps - 1):
-            DtDa = F.linear(a @ W, W)                        # D^T D A_{k-1}
-            a = F.relu(a + self.eta * (Dtx - DtDa) - self.eta * self.lam)
+        W, eta = self.weight, self.eta                               # W = D^T
+        # b = eta D^T x - eta lambda: computed once (one matmul with the constant folded in as its bias)
+        b = F.linear(x, eta * W, x.new_full((W.shape[0],), -eta * self.lam))
+        a = F.relu(b)                                                # step 1 from A_0 = 0
+        for _ in range(self.steps - 1):                              # A_k = ReLU(A_{k-1} + b - eta D^T D A_{k-1})
+            Da = (a @ W).flatten(0, -2)                              # D A_{k-1}
+            a = F.relu(torch.addmm((a + b).flatten(0, -2), Da, W.t(), alpha=-eta).view_as(a))
         return a
 
     def forward(self, x, steer=None):
