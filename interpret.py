@@ -657,12 +657,14 @@ async def simulate(llm, explanation, scoring, decode):
 
 # --- reports --------------------------------------------------------------------------------------------------
 
-def shade(toks, vals, top, decode, rgb):
+def shade(toks, vals, top, decode, kind):
+    """Tokens shaded in 11 steps by value / top; kind 'a' (true, with the value on hover) or 's' (simulated)."""
     spans = []
     for t, v in zip(toks, vals):
-        alpha = 0 if not top else max(0.0, min(1.0, v / top))
-        spans.append(f'<span style="background:rgba({rgb},{alpha:.2f})" title="{v:.3g}">'
-                     f'{html.escape(decode([t])).replace(chr(10), "⏎")}</span>')
+        level = 0 if not top or not v > 0 else min(10, round(10 * v / top))
+        text = html.escape(decode([t])).replace(chr(10), '⏎')
+        spans.append(f'<span class={kind}{level} title="{v:.3g}">{text}</span>' if kind == 'a' and level else
+                     f'<span class={kind}{level}>{text}</span>' if level else text)
     return ''.join(spans)
 
 
@@ -682,7 +684,9 @@ def write_report(folder, summary, neuron_rows, decode):
     parts = [f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
              'body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}'
              'td,th{border:1px solid #ccc;padding:2px 6px}.ex{font-family:monospace;white-space:pre-wrap;margin:2px 0}'
-             'details{margin:2px 0}</style>', f'<h1>{html.escape(title)}</h1>',
+             'details{margin:2px 0}'
+             + ''.join(f'.a{i}{{background:rgba(255,120,0,{i / 10})}}.s{i}{{background:rgba(0,120,255,{i / 10})}}'
+                       for i in range(1, 11)) + '</style>', f'<h1>{html.escape(title)}</h1>',
              f'<p>checkpoint {html.escape(summary["ckpt"])}, validation loss {summary["val_loss"]}, '
              f'{summary["settings"]["n_openai"]} / {summary["settings"]["n_anthropic"]} sequences of '
              f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic). Scores are Pearson r x 100.</p>',
@@ -712,9 +716,11 @@ def write_report(folder, summary, neuron_rows, decode):
             expl = next((v['explanation'] for v in r['scores'].values() if v.get('explanation')), 'dead')
             body = []
             for method, v in r['scores'].items():
+                if method == 'random_only':
+                    continue          # its excerpts are among top_and_random's
                 for toks, a, p in v.get('show', []):
-                    body.append(f'<div class="ex"><b>{method}</b> true: {shade(toks, a, v["max_act"], decode, "255,120,0")}'
-                                f'<br>simulated: {shade(toks, p, 10, decode, "0,120,255")}</div>')
+                    body.append(f'<div class="ex"><b>{method}</b> true: {shade(toks, a, v["max_act"], decode, "a")}'
+                                f'<br>simulated: {shade(toks, p, 10, decode, "s")}</div>')
             parts.append(f'<details><summary>neuron {r["neuron"]}: {sc} — {html.escape(expl)}</summary>'
                          f'{"".join(body)}</details>')
     with open(os.path.join(folder, 'report.html'), 'w', encoding='utf-8') as f:
