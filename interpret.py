@@ -30,6 +30,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 from contextlib import nullcontext
 
@@ -449,7 +450,6 @@ def parse_activations(text, n):
         except (json.JSONDecodeError, AttributeError):
             values = None
     if values is None:
-        import re
         values = [int(x) for x in re.findall(r'-?\d+', (text or '').split('activations')[-1])]
     ok = (isinstance(values, list) and len(values) == n
           and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10 for v in values))

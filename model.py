@@ -16,7 +16,7 @@ import ast
 import math
 import os
 import sys
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import shutil
 import sys
 import time

@@ -1,7 +1,5 @@
 import json
-import math
 import os
-import re
 from contextlib import nullcontext
 
 import numpy as np

@@ -1,11 +1,10 @@
-import math
 import re
 
 import pytest
 import torch
 
 from conftest import TINY, read_log, run
-from model import ModelConfig, SparseAutoencoder, Transformer, load_model, loss_recovered
+from model import SparseAutoencoder, load_model, loss_recovered
 
 
 def test_sae_loss_and_unit_norm_decoder():
