@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, read_log, run
+from conftest import ROOT, TINY, read_log, run
 
 from model import load_model
 
@@ -127,3 +127,10 @@ def test_benchmark_mode_prints_one_line_per_model(tmp_path):
         assert f"{fpt / 1e6:9.1f} MFLOPs/token" in lines[name]
         assert float(lines[name].split('tok/s')[0].split()[-1].replace(',', '')) > 0
     assert 'crate/gpt2: time per token' in p.stdout and not (tmp_path / 'never').exists()
+
+
+@pytest.mark.parametrize('cfg', sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py')))
+def test_every_config_file_is_valid(cfg, tmp_path):
+    """Each config's keys and types pass the configurator: the run gets as far as looking for its data."""
+    p = run('train.py', f'config/{cfg}', f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "o"}', check=False)
+    assert p.returncode == 2 and 'train.bin not found: make it with `python prepare.py' in p.stderr, p.stderr
