@@ -377,7 +377,8 @@ else:
 if compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+    # no buffer broadcast: the only buffer, an SAE's fired mask, is per rank and merged at resampling
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 if sae_base and init_from == 'resume':
     raw_model.fired.copy_(torch.load(ckpt_path, map_location='cpu', weights_only=False)['sae']['fired'])

@@ -98,3 +98,15 @@ def test_interpret_and_steer_through_the_sae(data_dir, base, tmp_path):
     assert kl['crate'] == 0.0 and kl['sae'] > 0
     p = run('sample.py', f'--ckpt={out}', '--device=cpu', '--steer=1:7:20', check=False)
     assert p.returncode == 2 and 'this SAE reads layer 0' in p.stderr
+
+
+def test_sae_trains_the_same_under_torchrun(data_dir, base, tmp_path):
+    import sys
+    args = ['--max_iters=4', '--eval_interval=4', '--gradient_accumulation_steps=2', '--sae_resample_every=0']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    train_sae(data_dir, base, tmp_path / 'ddp', *args, cmd=torchrun, env={'OMP_NUM_THREADS': '1'})
+    train_sae(data_dir, base, tmp_path / 'one', *args, env={'OMP_NUM_THREADS': '1'})
+    for a, b in zip(read_log(tmp_path / 'ddp'), read_log(tmp_path / 'one')):
+        for k in ('loss', 'val_loss', 'recon_error', 'l0', 'lm_loss_spliced'):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
