@@ -531,6 +531,8 @@ class LLM:
         async with self.semaphore:
             try:
                 response = (await api.create(**request, **({'extra_body': extra} if extra else {}))).model_dump()
+            except self.openai.APITimeoutError:
+                raise                                   # slow, not unreachable: the neuron is left for a re-run
             except self.openai.APIConnectionError:
                 raise InterpretError(f"cannot reach the {role} server at {self.urls[role]}; start it or fix --base_url")
             except self.openai.AuthenticationError:
