@@ -153,3 +153,13 @@ def test_requests_run_concurrently(ckpt, server, tmp_path):
         server.delay = 0.0
         assert server.max_inflight == 1 if c == 1 else 4 <= server.max_inflight <= 8
     assert times[1] - times[8] > 0.5 * 33 * 0.15       # serially: 33 requests of 0.15 s
+
+
+def test_slow_server_times_out_and_a_rerun_finishes(ckpt, server, tmp_path):
+    server.delay = 1.0
+    p = interpret(ckpt, server, tmp_path, '--neurons=5,9', '--protocol=openai', '--simulator=chat', '--timeout=0.2',
+                  '--max_retries=0', check=False)
+    assert p.returncode == 1 and '1 neurons unfinished after server errors (layer 0 neuron 5: APITimeoutError)' in p.stderr
+    server.delay = 0.0
+    interpret(ckpt, server, tmp_path, '--neurons=5,9', '--protocol=openai', '--simulator=chat')
+    assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
