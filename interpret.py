@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import configure, load_model, script_defaults
+from model import configure, load_model, model_name, script_defaults
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
@@ -780,12 +780,6 @@ def compare(folders):
 
 # --- main -----------------------------------------------------------------------------------------------------
 
-def model_name(cfg):
-    if hasattr(cfg, 'base_name'):
-        return f"{cfg.base_name} + SAE"
-    return {('mssa', 'ista'): 'CRATE', ('mha', 'mlp'): 'GPT-2'}.get((cfg.attn, cfg.ffn), f'{cfg.attn}+{cfg.ffn}')
-
-
 def main():
     from prepare import gpt2_tokenizer
     dev = device if device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -884,8 +878,7 @@ def main():
             per_method[m][l].append(sc)
         defined = [sc['score'] for sc in scores.values() if sc['score'] is not None]
         rows.append({'layer': l, 'neuron': neuron, 'scores': scores, 'best': max(defined) if defined else None})
-    ck = torch.load(ckpt if not os.path.isdir(ckpt) else os.path.join(ckpt, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    val_loss = None if 'sae' in ck else ck.get('best_val_loss')   # an SAE's own loss is no language-model loss
+    val_loss = model.val_loss
     summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
                'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
                'simulator_label': ('token-lookup baseline, not the LLM metric' if llm is None else

@@ -173,6 +173,13 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(a)), a
 
 
+def model_name(cfg):
+    """CRATE, GPT-2, 'GPT-2 + SAE', or the parts of an ablation ('mssa+mlp')."""
+    if hasattr(cfg, 'base_name'):
+        return f"{cfg.base_name} + SAE"
+    return {('mssa', 'ista'): 'CRATE', ('mha', 'mlp'): 'GPT-2'}.get((cfg.attn, cfg.ffn), f'{cfg.attn}+{cfg.ffn}')
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -348,8 +355,7 @@ class SAEModel(nn.Module):
             p.requires_grad_(False)
         self.base, self.layer = base.eval(), layer
         self.sae = SparseAutoencoder(base.config.hidden, n_features)
-        name = {('mssa', 'ista'): 'CRATE', ('mha', 'mlp'): 'GPT-2'}.get((base.config.attn, base.config.ffn), 'model')
-        self.config = SAEConfig(layer, base.config.hidden, n_features, l1, base.config.block_size, name)
+        self.config = SAEConfig(layer, base.config.hidden, n_features, l1, base.config.block_size, model_name(base.config))
         self.register_buffer('fired', torch.zeros(n_features, dtype=torch.bool))  # since the last resampling
         self.last_x = None
 
@@ -439,8 +445,9 @@ def from_released(state_dict, model_args):
 
 
 def load_model(path, device='cpu'):
-    """A Transformer from a checkpoint written by train.py or released by the paper's authors, in eval mode.
-    path: a .pt file or a directory holding ckpt.pt."""
+    """A Transformer (or SAEModel) from a checkpoint written by train.py or released by the paper's authors, in
+    eval mode, with .val_loss the checkpoint's best validation loss if it has one. path: a .pt file or a directory
+    holding ckpt.pt."""
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     if not os.path.exists(path):
@@ -454,6 +461,7 @@ def load_model(path, device='cpu'):
         s = ckpt['sae']
         model = SAEModel(load_model(s['base'], device), s['layer'], s['n_features'], s['l1'])
         model.sae.load_state_dict(sd)
+        model.val_loss = None                # an SAE's own loss is no language-model loss
         return model.to(device).eval()
     if any(k.endswith('.ista.weight') for k in sd):
         sd, cfg = from_released(sd, args)
@@ -461,6 +469,7 @@ def load_model(path, device='cpu'):
         cfg = ModelConfig(**args)
     model = Transformer(cfg)
     model.load_state_dict(sd)
+    model.val_loss = ckpt.get('best_val_loss')
     return model.to(device).eval()
 
 

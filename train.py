@@ -371,6 +371,8 @@ if init_from == 'resume':
     if device_type == 'cuda' and checkpoint['rng']['cuda'] is not None:
         torch.cuda.set_rng_state(checkpoint['rng']['cuda'], device)
     np.random.set_state(checkpoint['rng']['numpy'])
+    if sae_base:
+        raw_model.fired.copy_(checkpoint['sae']['fired'])
     checkpoint = None
 else:
     torch.manual_seed(seed + rank)  # dropout differs between ranks; the weights are the same (DDP broadcasts)
@@ -380,8 +382,6 @@ if ddp:
     # no buffer broadcast: the only buffer, an SAE's fired mask, is per rank and merged at resampling
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-if sae_base and init_from == 'resume':
-    raw_model.fired.copy_(torch.load(ckpt_path, map_location='cpu', weights_only=False)['sae']['fired'])
 if master and sae_base:
     c = raw_model.config
     print(f"SAE on layer {c.base_layer} of {sae_base} ({c.base_name}): {c.n_in} neurons -> {c.n_features} features, l1={c.l1}")
