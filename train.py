@@ -379,8 +379,9 @@ else:
 if compile:
     model = torch.compile(model)
 if ddp:
-    # no buffer broadcast: the only buffer, an SAE's fired mask, is per rank and merged at resampling
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    # an SAE's fired mask (the only buffer) is per rank and merged at resampling: DDP must not broadcast it
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None,
+                **({'broadcast_buffers': False} if sae_base else {}))
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 if master and sae_base:
     c = raw_model.config
@@ -496,4 +497,5 @@ while True:
                  'tokens_per_s': tokens_per_iter / dt})
 
 if ddp:
+    dist.barrier()                  # rank 0 may still be writing the last checkpoint: tear down together
     dist.destroy_process_group()
