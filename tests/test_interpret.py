@@ -99,6 +99,7 @@ def test_excerpt_sets_follow_the_protocols(val_dir):
     an = I.record_anthropic(model, seqs[:40], [0, 1], cols, 'cpu', nullcontext(), None)
     Pa = 40 * 32
     for l in (0, 1):
+        assert stats[l]['tokens'] == P and stats[l]['nonzero'] == (full[l] > 0).sum()   # over every neuron
         for n, j in enumerate(cols[l]):
             act = full[l][:, j]
             pos = oa[l]['pos'][n]
