@@ -167,19 +167,17 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
             vals[cross] = v
         return vals
 
-    def merge(target):
+    def merge(ts, acts, peaks):
         """Merge a batch into each neuron's top-k. The top-k lives in k slots per neuron (unordered); a new entry
         takes the slot of one it pushed out, so only new entries' excerpts are read. Only values above their
         neuron's current k-th best are looked at, which after the first batches are few."""
-        ts, acts = target
         for l, st in state.items():
             a = acts[l]
             # contenders: above their neuron's k-th best. Per-sequence maxima find the (sequence, neuron) pairs
             # that hold any, so only those columns are compared, not all B*T*h activations.
             kth = st['vals'].min(0).values
-            seq_acts = a.view(-1, T, a.shape[1])
-            c, s = torch.nonzero((seq_acts.amax(1) > kth).T, as_tuple=True)      # pairs in neuron order
-            pair_acts = seq_acts[s, :, c]                                          # (pairs, T)
+            c, s = torch.nonzero((peaks[l] > kth).T, as_tuple=True)               # pairs in neuron order
+            pair_acts = a.view(-1, T, a.shape[1])[s, :, c]                         # (pairs, T)
             p, t = torch.nonzero(pair_acts > kth[c, None], as_tuple=True)
             r, c, v = s[p] * T + t, c[p], pair_acts[p, t]                          # by neuron, then position
             slot = neuron = pos = torch.zeros(0, dtype=torch.long, device=dev)   # excerpts to read
@@ -192,14 +190,11 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
                 block = torch.full((int(counts.max()), len(cand)), -float('inf'), device=dev)
                 block_pos = torch.zeros(block.shape, dtype=torch.long, device=dev)
                 block[row, col], block_pos[row, col] = v, ts + r
-                vals, idx = torch.topk(torch.cat([st['vals'][:, cand], block]), k, dim=0)
-                new = idx >= k
-                kept = torch.zeros((k, len(cand)), dtype=torch.long, device=dev)
-                kept = kept.scatter_add_(0, idx.clamp(max=k - 1), (~new).long()) > 0   # old slots still in the top-k
-                free = torch.argsort(kept.to(torch.int8), dim=0, stable=True)     # free slots first
-                r, c = torch.nonzero(new, as_tuple=True)
-                rank = (torch.cumsum(new.to(torch.long), 0) - 1)[r, c]           # i-th new entry of its neuron
-                slot, neuron = free[rank, c], cand[c]
+                # stable sort: on a tie the old entry (first in the column) stays
+                vals, idx = torch.sort(torch.cat([st['vals'][:, cand], block]), dim=0, descending=True, stable=True)
+                c, r = torch.nonzero((idx[:k] >= k).T, as_tuple=True)            # new entries in the top-k
+                oc, orow = torch.nonzero((idx[k:] < k).T, as_tuple=True)         # old ones pushed out, as many
+                slot, neuron = idx[k + orow, oc], cand[c]                          # per neuron: the slots they free
                 pos = block_pos[idx[r, c] - k, c]
                 st['vals'][slot, neuron] = vals[r, c]
                 st['pos'][slot, neuron] = pos
@@ -210,20 +205,23 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
                 st['win'][slot, neuron] = windows(l, ts, a, pos, neuron)
 
     every = {l: len(cols[l]) == acts_width for l in layer_ids}
+    waiting = None   # the last batch computed, merged once the next one is
     for i, acts in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
                         desc='openai: top activations and excerpts', unit='batch', file=sys.stderr):
-        sel = {}
-        for l in layer_ids:
+        sel, peaks = {}, {}
+        for l in layer_ids:   # the passes over all activations, while the batch is still in the cache
             full = acts[l].float().reshape(-1, acts_width)
             update_stats(stats[l], full)
             sel[l] = full if every[l] else full[:, state[l]['cols']]
+            peaks[l] = sel[l].view(-1, T, sel[l].shape[1]).amax(1)               # per-sequence maxima
         recent = recent[-2:] + [(i * T, sel)]
-        if len(recent) >= 2:
-            merge(recent[-2])        # the batch before this one: both its neighbours are at hand
-            ts, done = recent[-2]    # later excerpts reach back into its last `before` positions only
+        if waiting:
+            merge(*waiting)          # the batch before this one: both its neighbours are at hand
+            ts, done, _ = waiting    # later excerpts reach back into its last `before` positions only
             recent[-2] = (ts + len(done[layer_ids[0]]) - before, {l: a[-before:].clone() for l, a in done.items()})
+        waiting = (i * T, sel, peaks)
     recent = recent[-2:]
-    merge(recent[-1])
+    merge(*waiting)
     for l in layer_ids:
         stats[l]['alive'] = (state[l]['vals'].max(0).values > 0).cpu()   # a neuron's best value says it
     records = {}
@@ -832,13 +830,13 @@ def main():
         cols = {l: sorted(np.random.default_rng([seed, 3, l]).choice(h, k, replace=False).tolist()) for l in layer_ids}
     protocols = ['openai', 'anthropic'] if protocol == 'all' else [protocol]
     folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
-    os.makedirs(folder, exist_ok=True)
     stream = read_stream(data, max(n_openai if 'openai' in protocols else 0, n_anthropic if 'anthropic' in protocols else 0), T)
     streams = {'openai': stream[:n_openai], 'anthropic': stream[:n_anthropic]}
 
     if bench:
         benchmark(model, streams[protocols[0]], layer_ids, cols, dev, autocast)
         return
+    os.makedirs(folder, exist_ok=True)
 
     settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
                 'n_openai': len(streams['openai']), 'n_anthropic': len(streams['anthropic']),
@@ -995,8 +993,9 @@ def estimate(todo, recs, protocols, decode):
 
 
 def benchmark(model, seqs, layer_ids, cols, dev, autocast, rounds=3):
-    """Tokens/s of a plain forward pass and of the OpenAI recording pass over the same tokens, alternating for
-    `rounds` rounds after a warm-up; the best round of each counts, as the machine's noise only slows a round."""
+    """Time a plain forward pass and the OpenAI recording pass over the same tokens, alternating for `rounds`
+    rounds after a warm-up. The machine's speed drifts, so each round's ratio compares neighbours in time and the
+    median ratio is the figure."""
     import time
     sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
     def plain():
@@ -1005,18 +1004,21 @@ def benchmark(model, seqs, layer_ids, cols, dev, autocast, rounds=3):
                 model(torch.from_numpy(seqs[i:i + batch_size]).to(dev))
     def recording():
         record_openai(model, seqs, layer_ids, cols, dev, autocast, {l: {} for l in layer_ids})
+    def seconds(fn):
+        sync()
+        t0 = time.time()
+        fn()
+        sync()
+        return time.time() - t0
     plain()  # warm-up
-    best = {}
-    for _ in range(rounds):
-        for name, fn in (('forward', plain), ('recording', recording)):
-            sync()
-            t0 = time.time()
-            fn()
-            sync()
-            best[name] = min(best.get(name, float('inf')), time.time() - t0)
-    print(f"forward   {seqs.size / best['forward']:,.0f} tok/s\nrecording {seqs.size / best['recording']:,.0f} tok/s "
-          f"({best['recording'] / best['forward'] - 1:+.0%} time over forward, the OpenAI protocol; best of {rounds} rounds, "
-          f"batch_size={batch_size}, {len(seqs)} x {seqs.shape[1]} tokens)")
+    print(f"{len(seqs)} x {seqs.shape[1]} tokens, batch_size={batch_size}, {sum(map(len, cols.values()))} neurons "
+          f"in {len(layer_ids)} layer(s), device {dev}")
+    ratios = []
+    for r in range(rounds):
+        tf, tr = seconds(plain), seconds(recording)
+        ratios.append(tr / tf)
+        print(f"round {r + 1}: forward {seqs.size / tf:,.0f} tok/s, recording {seqs.size / tr:,.0f} tok/s ({tr / tf - 1:+.0%})")
+    print(f"recording over forward: {sorted(ratios)[len(ratios) // 2] - 1:+.0%} time (median of {rounds} rounds)")
 
 
 if __name__ == '__main__':

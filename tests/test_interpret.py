@@ -1,5 +1,6 @@
 import json
 import os
+import re
 from contextlib import nullcontext
 
 import numpy as np
@@ -176,6 +177,19 @@ def test_compare_two_runs(val_dir, tmp_path):
     assert f"random_only {100 * (s[0] / s[1] - 1):+.0f}%" in p.stdout
     assert f"{s[0]:.2f}" in rows[0] and f"{s[1]:.2f}" in rows[1]
     assert len(neurons_of(tmp_path / 'crate' / 'interp')) == 12
+
+
+def test_recording_benchmark_prints_paired_rounds(val_dir, tmp_path):
+    save(planted_model(), tmp_path / 'm', 1.0)
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', '--bench=True', '--n_openai=100',
+            '--device=cpu', '--batch_size=4')
+    assert '100 x 32 tokens, batch_size=4, 256 neurons in 1 layer(s)' in p.stdout
+    rounds = re.findall(r'round \d: forward ([\d,]+) tok/s, recording ([\d,]+) tok/s \(([+-]\d+)%\)', p.stdout)
+    assert len(rounds) == 3
+    for f, r, pct in rounds:   # each round's figure is its forward rate over its recording rate
+        assert int(f.replace(',', '')) / int(r.replace(',', '')) == pytest.approx(1 + int(pct) / 100, rel=0.01)
+    median = int(re.search(r'recording over forward: ([+-]\d+)% time \(median of 3 rounds\)', p.stdout).group(1))
+    assert median == sorted(int(pct) for _, _, pct in rounds)[1] and not (tmp_path / 'm' / 'interp').exists()
 
 
 def test_errors(val_dir, tmp_path):
