@@ -167,37 +167,44 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
             vals[cross] = v
         return vals
 
+    def replacements(st, a, peaks, ts):
+        """(slot, neuron, value, position) of the entries of batch a (first position ts) that enter the top-k.
+        Contenders are values above their neuron's k-th best; per-sequence maxima (peaks) find the (sequence,
+        neuron) pairs that hold any, so only those columns are compared, not all B*T*h activations."""
+        kth = st['vals'].min(0).values
+        c, s = torch.nonzero((peaks > kth).T, as_tuple=True)                      # pairs in neuron order
+        pair_acts = a.view(-1, T, a.shape[1])[s, :, c]                             # (pairs, T)
+        p, t = torch.nonzero(pair_acts > kth[c, None], as_tuple=True)
+        r, c, v = s[p] * T + t, c[p], pair_acts[p, t]                              # by neuron, then position
+        if not len(r):
+            return r, c, v, r                                                      # none (all empty)
+        # pack each neuron's contenders into a column of a small dense block: (most per neuron, neurons)
+        counts = torch.bincount(c, minlength=a.shape[1])
+        cand = torch.nonzero(counts).squeeze(1)
+        col = torch.cumsum(counts > 0, 0)[c] - 1
+        row = torch.arange(len(c), device=dev) - (torch.cumsum(counts, 0) - counts)[c]
+        block = torch.full((int(counts.max()), len(cand)), -float('inf'), device=dev)
+        block_pos = torch.zeros(block.shape, dtype=torch.long, device=dev)
+        block[row, col], block_pos[row, col] = v, ts + r
+        # stable sort: on a tie the old entry (first in the column) stays
+        vals, idx = torch.sort(torch.cat([st['vals'][:, cand], block]), dim=0, descending=True, stable=True)
+        c, r = torch.nonzero((idx[:k] >= k).T, as_tuple=True)                 # new entries in the top-k
+        oc, orow = torch.nonzero((idx[k:] < k).T, as_tuple=True)              # old ones pushed out, as many
+        return idx[k + orow, oc], cand[c], vals[r, c], block_pos[idx[r, c] - k, c]   # each takes a freed slot
+
     def merge(ts, acts, peaks):
         """Merge a batch into each neuron's top-k. The top-k lives in k slots per neuron (unordered); a new entry
-        takes the slot of one it pushed out, so only new entries' excerpts are read. Only values above their
-        neuron's current k-th best are looked at, which after the first batches are few."""
+        takes the slot of one it pushed out, so only new entries' excerpts are read; after the first batches
+        they are few. The excerpts of the random positions in the batch are read with them."""
         for l, st in state.items():
             a = acts[l]
-            # contenders: above their neuron's k-th best. Per-sequence maxima find the (sequence, neuron) pairs
-            # that hold any, so only those columns are compared, not all B*T*h activations.
-            kth = st['vals'].min(0).values
-            c, s = torch.nonzero((peaks[l] > kth).T, as_tuple=True)               # pairs in neuron order
-            pair_acts = a.view(-1, T, a.shape[1])[s, :, c]                         # (pairs, T)
-            p, t = torch.nonzero(pair_acts > kth[c, None], as_tuple=True)
-            r, c, v = s[p] * T + t, c[p], pair_acts[p, t]                          # by neuron, then position
-            slot = neuron = pos = torch.zeros(0, dtype=torch.long, device=dev)   # excerpts to read
-            if len(r):
-                # pack each neuron's contenders into a column of a small dense block: (most per neuron, neurons)
-                counts = torch.bincount(c, minlength=a.shape[1])
-                cand = torch.nonzero(counts).squeeze(1)
-                col = torch.cumsum(counts > 0, 0)[c] - 1
-                row = torch.arange(len(c), device=dev) - (torch.cumsum(counts, 0) - counts)[c]
-                block = torch.full((int(counts.max()), len(cand)), -float('inf'), device=dev)
-                block_pos = torch.zeros(block.shape, dtype=torch.long, device=dev)
-                block[row, col], block_pos[row, col] = v, ts + r
-                # stable sort: on a tie the old entry (first in the column) stays
-                vals, idx = torch.sort(torch.cat([st['vals'][:, cand], block]), dim=0, descending=True, stable=True)
-                c, r = torch.nonzero((idx[:k] >= k).T, as_tuple=True)            # new entries in the top-k
-                oc, orow = torch.nonzero((idx[k:] < k).T, as_tuple=True)         # old ones pushed out, as many
-                slot, neuron = idx[k + orow, oc], cand[c]                          # per neuron: the slots they free
-                pos = block_pos[idx[r, c] - k, c]
-                st['vals'][slot, neuron] = vals[r, c]
-                st['pos'][slot, neuron] = pos
+            if ts == 0:   # the first batch: every value would contend, so its own top-k fills the slots
+                top, rows = torch.topk(a, min(k, len(a)), dim=0)
+                grid = torch.meshgrid(torch.arange(len(top), device=dev), st['neuron'], indexing='ij')
+                slot, neuron, vals, pos = grid[0].reshape(-1), grid[1].reshape(-1), top.reshape(-1), rows.reshape(-1)
+            else:
+                slot, neuron, vals, pos = replacements(st, a, peaks[l], ts)
+            st['vals'][slot, neuron], st['pos'][slot, neuron] = vals, pos
             lo, hi = np.searchsorted(st['rand_sorted'], [ts, ts + a.shape[0]])   # random positions in this batch
             ri, nr = st['rand_order'][lo:hi], st['rand'].shape[1]
             slot, neuron, pos = torch.cat([slot, k + ri % nr]), torch.cat([neuron, ri // nr]), torch.cat([pos, st['rand'].view(-1)[ri]])

@@ -86,7 +86,7 @@ def test_planted_neuron_scores_one_and_dead_neuron_is_reported(val_dir, tmp_path
     assert 'using the records' in p.stdout and neurons_of(tmp_path / 'm' / 'interp') == rows
 
 
-def test_excerpt_sets_follow_the_protocols(val_dir):
+def test_excerpt_sets_follow_the_protocols(val_dir, monkeypatch):
     torch.manual_seed(1)
     model = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64)).eval()
     seqs = I.read_stream(str(val_dir), 64, 32)
@@ -127,6 +127,16 @@ def test_excerpt_sets_follow_the_protocols(val_dir):
                 assert (a_act[band] <= ranked[lo] + 1e-7).all() and (a_act[band] >= ranked[hi - 1] - 1e-7).all()
             aw = an[l]['win'][n]
             assert ((aw == apos[:, None] + np.arange(-4, 4)) | (aw == -1)).all()
+    # one sequence a batch (32 positions, fewer than the top 50): the same top values and excerpts
+    monkeypatch.setattr(I, 'batch_size', 1)
+    small = I.record_openai(model, seqs, [0, 1], cols, 'cpu', nullcontext(), {0: {}, 1: {}})
+    for l in (0, 1):
+        for n, j in enumerate(cols[l]):
+            np.testing.assert_allclose(full[l][small[l]['pos'][n][:50], j], full[l][oa[l]['pos'][n][:50], j], rtol=1e-6)
+            ok = small[l]['win'][n] >= 0
+            np.testing.assert_allclose(small[l]['acts'][n][ok], full[l][small[l]['win'][n][ok], j], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(small[l]['pos'][:, 50:], oa[l]['pos'][:, 50:])
+        np.testing.assert_allclose(small[l]['acts'][:, 50:], oa[l]['acts'][:, 50:], rtol=1e-5)
     # a window at the very start is clipped
     assert (I.window_positions(np.array([3]), 'openai', P)[0][:29] == -1).all()
     assert (I.window_positions(np.array([P - 2]), 'anthropic', P)[0] == [P - 6, P - 5, P - 4, P - 3, P - 2, P - 1, -1, -1]).all()
