@@ -74,6 +74,7 @@ dtype = 'float32'            # 'float32' or 'bfloat16' (recording)
 
 TOP, RAND, BANDS, BAND_ITEMS = 50, 50, 11, 20
 WINDOW = {'openai': (32, 32), 'anthropic': (4, 4)}   # tokens before pos, from pos on
+PEAK_RUN = 32                # OpenAI recording: a neuron's maximum over runs of up to this many positions
 EVEN = [0, 2, 4, 6, 8]
 SETS = {  # scoring method -> (protocol, explanation records, scoring records); 'ooc:i' = record i cut to 3 tokens
     'top_and_random': ('openai', EVEN, [1, 3, 5, 7, 9] + [TOP + i for i in EVEN]),
@@ -132,31 +133,36 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
     is merged once the next one is computed, so that excerpts crossing into a neighbouring batch can be read."""
     n_seq, T = seqs.shape
     P = n_seq * T
-    if batch_size * T < WINDOW['openai'][1]:
-        raise InterpretError(f"batch_size x seq_len must be at least {WINDOW['openai'][1]} tokens")
+    before, after = WINDOW['openai']
+    if batch_size * T < after:
+        raise InterpretError(f"batch_size x seq_len must be at least {after} tokens")
     k = min(TOP, P)
     acts_width = model.config.hidden
-    offsets = torch.arange(-WINDOW['openai'][0], WINDOW['openai'][1], device=dev)
+    offsets = torch.arange(-before, after, device=dev)
+    G = math.gcd(T, PEAK_RUN)   # positions a peak covers: it divides every batch
     state = {}
     for l in layer_ids:
         n = len(cols[l])
         rand = np.stack([random_positions(P, min(RAND, P), 0, l, j) for j in cols[l]])
         by_pos = np.argsort(rand, axis=None, kind='stable')    # random entries in stream order, sliced per batch
-        state[l] = {'rand_sorted': rand.reshape(-1)[by_pos], 'rand_order': torch.as_tensor(by_pos, device=dev),'vals': torch.full((k, n), -float('inf'), device=dev), 'pos': torch.zeros((k, n), dtype=torch.long, device=dev),
-                    'rand': torch.as_tensor(rand, device=dev),   # excerpts: k top slots, then the random positions
-                    'win': torch.full((k + rand.shape[1], n, len(offsets)), float('nan'), device=dev),
+        state[l] = {'vals': torch.full((k, n), -float('inf'), device=dev),
+                    'pos': torch.zeros((k, n), dtype=torch.long, device=dev),
+                    'rand': torch.as_tensor(rand, device=dev),
+                    'rand_sorted': rand.reshape(-1)[by_pos], 'rand_order': torch.as_tensor(by_pos, device=dev),
+                    'win': torch.full((k + rand.shape[1], n, len(offsets)), float('nan'), device=dev),  # top, random
                     'cols': torch.as_tensor(cols[l], device=dev), 'neuron': torch.arange(n, device=dev)}
-
-    before, after = WINDOW['openai']
     recent = []   # (first position, {layer: (positions, neurons)}): the last two batches and the end of the one before
 
     def windows(l, ts, a, pos, neuron):
         """Activations of `neuron` on the excerpt around each position of the batch a (first position ts). Most
         excerpts lie inside it and take one gather; those that cross into a neighbour are read from the last three
         batches, NaN beyond the stream's ends."""
-        p = pos - ts
-        vals = a[(p[:, None] + offsets).clamp(0, len(a) - 1), neuron[:, None]]
-        cross = torch.nonzero((p < before) | (p + after > len(a))).squeeze(1)
+        p, W = pos - ts, before + after
+        if len(a) >= W:   # a strided view of every excerpt of the batch, (positions, neurons, W): no index arithmetic
+            vals = a.unfold(0, W, 1)[(p - before).clamp(0, len(a) - W), neuron]
+            cross = torch.nonzero((p < before) | (p + after > len(a))).squeeze(1)
+        else:             # a short last batch: every excerpt crosses
+            vals, cross = torch.empty((len(p), W), device=dev), torch.arange(len(p), device=dev)
         if len(cross):
             wp, nc = pos[cross, None] + offsets, neuron[cross, None]
             v = torch.full(wp.shape, float('nan'), device=dev)
@@ -169,13 +175,13 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
 
     def replacements(st, a, peaks, ts):
         """(slot, neuron, value, position) of the entries of batch a (first position ts) that enter the top-k.
-        Contenders are values above their neuron's k-th best; per-sequence maxima (peaks) find the (sequence,
-        neuron) pairs that hold any, so only those columns are compared, not all B*T*h activations."""
+        Contenders are values above their neuron's k-th best. The maxima of runs of G positions (peaks) find the
+        (run, neuron) pairs that hold any, so only those runs are compared, not all B*T*h activations."""
         kth = st['vals'].min(0).values
         c, s = torch.nonzero((peaks > kth).T, as_tuple=True)                      # pairs in neuron order
-        pair_acts = a.view(-1, T, a.shape[1])[s, :, c]                             # (pairs, T)
+        pair_acts = a.view(-1, G, a.shape[1])[s, :, c]                             # (pairs, G)
         p, t = torch.nonzero(pair_acts > kth[c, None], as_tuple=True)
-        r, c, v = s[p] * T + t, c[p], pair_acts[p, t]                              # by neuron, then position
+        r, c, v = s[p] * G + t, c[p], pair_acts[p, t]                              # by neuron, then position
         if not len(r):
             return r, c, v, r                                                      # none (all empty)
         # pack each neuron's contenders into a column of a small dense block: (most per neuron, neurons)
@@ -186,11 +192,13 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
         block = torch.full((int(counts.max()), len(cand)), -float('inf'), device=dev)
         block_pos = torch.zeros(block.shape, dtype=torch.long, device=dev)
         block[row, col], block_pos[row, col] = v, ts + r
-        # stable sort: on a tie the old entry (first in the column) stays
-        vals, idx = torch.sort(torch.cat([st['vals'][:, cand], block]), dim=0, descending=True, stable=True)
-        c, r = torch.nonzero((idx[:k] >= k).T, as_tuple=True)                 # new entries in the top-k
-        oc, orow = torch.nonzero((idx[k:] < k).T, as_tuple=True)              # old ones pushed out, as many
-        return idx[k + orow, oc], cand[c], vals[r, c], block_pos[idx[r, c] - k, c]   # each takes a freed slot
+        # c contenders can push out only the c lowest old entries: rank those m against the block and keep m
+        m = min(len(block), k)
+        low, low_slot = torch.topk(st['vals'][:, cand], m, dim=0, largest=False, sorted=False)
+        vals, idx = torch.sort(torch.cat([low, block]), dim=0, descending=True, stable=True)  # ties: old stays
+        c, r = torch.nonzero((idx[:m] >= m).T, as_tuple=True)                 # new entries that stay
+        oc, orow = torch.nonzero((idx[m:] < m).T, as_tuple=True)              # old ones pushed out, as many
+        return low_slot[idx[m + orow, oc], oc], cand[c], vals[r, c], block_pos[idx[r, c] - m, c]  # freed slots
 
     def merge(ts, acts, peaks):
         """Merge a batch into each neuron's top-k. The top-k lives in k slots per neuron (unordered); a new entry
@@ -220,14 +228,13 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
             full = acts[l].float().reshape(-1, acts_width)
             update_stats(stats[l], full)
             sel[l] = full if every[l] else full[:, state[l]['cols']]
-            peaks[l] = sel[l].view(-1, T, sel[l].shape[1]).amax(1)               # per-sequence maxima
+            peaks[l] = sel[l].view(-1, G, sel[l].shape[1]).amax(1)               # maxima of runs of G positions
         recent = recent[-2:] + [(i * T, sel)]
         if waiting:
             merge(*waiting)          # the batch before this one: both its neighbours are at hand
             ts, done, _ = waiting    # later excerpts reach back into its last `before` positions only
             recent[-2] = (ts + len(done[layer_ids[0]]) - before, {l: a[-before:].clone() for l, a in done.items()})
         waiting = (i * T, sel, peaks)
-    recent = recent[-2:]
     merge(*waiting)
     for l in layer_ids:
         stats[l]['alive'] = (state[l]['vals'].max(0).values > 0).cpu()   # a neuron's best value says it

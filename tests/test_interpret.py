@@ -127,8 +127,10 @@ def test_excerpt_sets_follow_the_protocols(val_dir, monkeypatch):
                 assert (a_act[band] <= ranked[lo] + 1e-7).all() and (a_act[band] >= ranked[hi - 1] - 1e-7).all()
             aw = an[l]['win'][n]
             assert ((aw == apos[:, None] + np.arange(-4, 4)) | (aw == -1)).all()
-    # one sequence a batch (32 positions, fewer than the top 50): the same top values and excerpts
+    # one sequence a batch (32 positions, fewer than the top 50), peaks over 8 positions: the same top values
+    # and excerpts
     monkeypatch.setattr(I, 'batch_size', 1)
+    monkeypatch.setattr(I, 'PEAK_RUN', 8)
     small = I.record_openai(model, seqs, [0, 1], cols, 'cpu', nullcontext(), {0: {}, 1: {}})
     for l in (0, 1):
         for n, j in enumerate(cols[l]):
