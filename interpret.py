@@ -155,8 +155,8 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
 
     def windows(l, ts, a, pos, neuron):
         """Activations of `neuron` on the excerpt around each position of the batch a (first position ts). Most
-        excerpts lie inside it and take one gather; those that cross into a neighbour are read from the last three
-        batches, NaN beyond the stream's ends."""
+        excerpts lie inside it and take one gather; those that cross into a neighbour are read from `recent` (the
+        previous batch's end, this batch, the next), NaN beyond the stream's ends."""
         p, W = pos - ts, before + after
         if len(a) >= W:   # a strided view of every excerpt of the batch, (positions, neurons, W): no index arithmetic
             vals = a.unfold(0, W, 1)[(p - before).clamp(0, len(a) - W), neuron]
@@ -214,8 +214,9 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
                 slot, neuron, vals, pos = replacements(st, a, peaks[l], ts)
             st['vals'][slot, neuron], st['pos'][slot, neuron] = vals, pos
             lo, hi = np.searchsorted(st['rand_sorted'], [ts, ts + a.shape[0]])   # random positions in this batch
-            ri, nr = st['rand_order'][lo:hi], st['rand'].shape[1]
-            slot, neuron, pos = torch.cat([slot, k + ri % nr]), torch.cat([neuron, ri // nr]), torch.cat([pos, st['rand'].view(-1)[ri]])
+            ri, nr = st['rand_order'][lo:hi], st['rand'].shape[1]              # flat indices into (neurons, RAND)
+            slot, neuron = torch.cat([slot, k + ri % nr]), torch.cat([neuron, ri // nr])
+            pos = torch.cat([pos, st['rand'].view(-1)[ri]])
             if len(pos):
                 st['win'][slot, neuron] = windows(l, ts, a, pos, neuron)
 
