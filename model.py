@@ -16,6 +16,7 @@ import ast
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -123,15 +124,15 @@ def steer_(a, steer):
 class ISTA(nn.Module):
     """Overcomplete sparse coding by t unrolled ISTA steps on min_A 1/2 ||x - D A||^2 + lambda ||A||_1, A >= 0:
         A_0 = 0,  A_k = ReLU(A_{k-1} + eta D^T (x - D A_{k-1}) - eta lambda),  output D A_t (no residual).
-    The dictionary D (d x h) is stored as weight = D^T (h x d), Kaiming-uniform like nn.Linear's weight."""
+    The dictionary D (d x h) is stored as weight = D^T (h x d), uniform in +-sqrt(6/d) as the authors' code
+    initialises it (kaiming_uniform_ with its default a=0; nn.Linear's a=sqrt(5) would give +-1/sqrt(d))."""
 
     residual = False
 
     def __init__(self, cfg):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.hidden, cfg.n_embd))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, fan_in = d
-        self.weight.keep_init = True                            # not touched by the N(0, 0.02) init
+        nn.init.kaiming_uniform_(self.weight)                   # fan_in = d; not an nn.Linear, so N(0, 0.02) skips it
         self.steps, self.eta, self.lam = cfg.ista_steps, cfg.ista_eta, cfg.ista_lambda
         self.checkpoint = cfg.ista_checkpoint
         self.dropout = nn.Dropout(cfg.dropout)
@@ -283,15 +284,15 @@ class Transformer(nn.Module):
 # The post-hoc baseline: a sparse autoencoder on one layer's neurons of a frozen, trained model.
 
 class SparseAutoencoder(nn.Module):
-    """f = ReLU(W_enc (x - b_dec) + b_enc),  x_hat = W_dec f + b_dec,  m features for n inputs.
-    loss = mean over tokens of ||x_hat - x||^2 / ||x|| + l1 * sum_i |f_i|, decoder columns kept at unit norm."""
+    """f = ReLU(W_enc (x - b_dec) + b_enc),  x_hat = W_dec f + b_dec,  m features for n inputs, decoder columns kept
+    at unit norm. The loss and the init are the authors' (arthursae): see loss()."""
 
     def __init__(self, n_in, n_features):
         super().__init__()
-        W = torch.randn(n_in, n_features)
-        W /= W.norm(dim=0, keepdim=True)
-        self.W_dec = nn.Parameter(W)                    # (n, m), columns are the features' directions
-        self.W_enc = nn.Parameter(W.T.clone())          # (m, n)
+        # independent Kaiming-uniform encoder and decoder (bounds sqrt(6/m) and sqrt(6/n)), decoder columns normalised
+        self.W_enc = nn.Parameter(torch.empty(n_features, n_in).uniform_(-1, 1) * math.sqrt(6 / n_features))  # (m, n)
+        W = torch.empty(n_in, n_features).uniform_(-1, 1) * math.sqrt(6 / n_in)
+        self.W_dec = nn.Parameter(W / W.norm(dim=0, keepdim=True))   # (n, m), columns are the features' directions
         self.b_enc = nn.Parameter(torch.zeros(n_features))
         self.b_dec = nn.Parameter(torch.zeros(n_in))
 
@@ -307,8 +308,10 @@ class SparseAutoencoder(nn.Module):
 
     @staticmethod
     def loss(x, x_hat, f, l1):
-        recon = ((x_hat - x) ** 2).sum(-1) / x.norm(dim=-1).clamp_min(1e-6)
-        return (recon + l1 * f.abs().sum(-1)).mean()
+        """mean over tokens and inputs of (x_hat - x)^2 / ||x||, plus l1 * (mean over tokens of sum_i |f_i|): the
+        authors' l2_loss_form='normalize', l1_loss_form='l1'. (||x|| is floored at 1e-6 for an all-zero x.)"""
+        recon = ((x_hat - x) ** 2 / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).mean()
+        return recon + l1 * f.abs().sum(-1).mean()
 
     @torch.no_grad()
     def remove_parallel_grad_(self):
@@ -346,8 +349,8 @@ class SAEConfig:
 
 class SAEModel(nn.Module):
     """A frozen base model with an SAE on layer `layer`'s neurons. forward() has the Transformer's signature:
-    with targets it returns the SAE's loss on the base's activations (that is what train.py trains), and its
-    neurons are the SAE's features."""
+    with targets it returns the SAE's loss on the base's activations, and its neurons are the SAE's features.
+    (train.py trains the SAE itself on a shuffled buffer of these activations.)"""
 
     def __init__(self, base, layer, n_features, l1):
         super().__init__()
@@ -356,8 +359,6 @@ class SAEModel(nn.Module):
         self.base, self.layer = base.eval(), layer
         self.sae = SparseAutoencoder(base.config.hidden, n_features)
         self.config = SAEConfig(layer, base.config.hidden, n_features, l1, base.config.block_size, model_name(base.config))
-        self.register_buffer('fired', torch.zeros(n_features, dtype=torch.bool))  # since the last resampling
-        self.last_x = None
 
     def train(self, mode=True):
         super().train(mode)
@@ -372,12 +373,7 @@ class SAEModel(nn.Module):
     def forward(self, idx, targets=None, steer=None, return_neurons=False):
         x = self.activations(idx)
         x_hat, f = self.sae(x)
-        loss = None
-        if targets is not None:
-            loss = self.sae.loss(x, x_hat, f, self.config.l1)
-            if self.training:
-                self.fired |= (f > 0).reshape(-1, f.shape[-1]).any(0)
-                self.last_x = x.detach().reshape(-1, x.shape[-1])
+        loss = None if targets is None else self.sae.loss(x, x_hat, f, self.config.l1)
         f = steer_(f, steer.get(0) if steer else None)
         return (None, loss, [f]) if return_neurons else (None, loss)
 
@@ -390,35 +386,6 @@ class SAEModel(nn.Module):
         features overwritten by steer [(j, v)] first: the lossy path."""
         return {self.layer: lambda a: self.sae.decode(steer_(self.sae.encode(a.float()), steer)).to(a.dtype)}
 
-    @torch.no_grad()
-    def resample_dead_(self, optimizer):
-        """Features that did not fire since the last call get new directions: the (normalised) inputs the SAE
-        reconstructs worst, sampled with probability proportional to the squared loss; the encoder row is that
-        direction scaled to 0.2 x the mean norm of the live rows, its bias 0, and their Adam moments reset."""
-        dead = torch.nonzero(~self.fired).squeeze(1)
-        self.fired.zero_()
-        if len(dead) == 0 or self.last_x is None:
-            return 0
-        x = self.last_x
-        x_hat, _ = self.sae(x)
-        weight = ((x_hat - x) ** 2).sum(-1) ** 2
-        if weight.sum() <= 0:
-            return 0
-        g = torch.Generator(device=x.device).manual_seed(len(dead))
-        picks = torch.multinomial(weight, len(dead), replacement=len(dead) > len(x), generator=g)
-        d = x[picks] - self.sae.b_dec
-        d = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        alive = self.fired.new_ones(self.fired.shape).index_fill_(0, dead, False)
-        scale = 0.2 * (self.sae.W_enc[alive].norm(dim=-1).mean() if alive.any() else 1.0)
-        self.sae.W_dec[:, dead] = d.T
-        self.sae.W_enc[dead] = d * scale
-        self.sae.b_enc[dead] = 0
-        for p, index in ((self.sae.W_dec, (slice(None), dead)), (self.sae.W_enc, dead), (self.sae.b_enc, dead)):
-            for moment in ('exp_avg', 'exp_avg_sq'):
-                if moment in optimizer.state.get(p, {}):
-                    optimizer.state[p][moment][index] = 0
-        return len(dead)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: ours (train.py) and the paper's released CRATE checkpoints (nanoGPT-format dicts).
@@ -428,46 +395,106 @@ RELEASED_NAMES = {'transformer.wte.': 'wte.', 'transformer.wpe.': 'wpe.', 'trans
                   '.attn.c_attn.': '.attn.U.', '.ista.weight': '.ffn.weight'}
 
 
+def read_checkpoint(path):
+    """torch.load with weights_only=True (tensors and plain types only: reading a downloaded file never runs its
+    code), as a dict with 'model' and 'model_args'. Every way a file can be wrong is a ValueError of one line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py config/crate_1l.py` "
+                                f"or pass --ckpt=PATH")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes): a copy or save that did not finish; copy it again or retrain")
+    try:
+        with warnings.catch_warnings():           # torch warns about old pickle protocols; the error says enough
+            warnings.simplefilter('ignore')
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        if 'global' in str(e).lower():            # a class or function to import: what could run code
+            raise ValueError(f"{path} holds Python objects beyond tensors and plain types; it is refused because "
+                             f"loading it could run code (torch.load weights_only=True)")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, or another kind of file): {first}")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+        raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'model' and 'model_args')")
+    return ckpt
+
+
 def from_released(state_dict, model_args):
     """Map a released CRATE checkpoint (keys transformer.h.{i}.prenorm_1, .attn.c_attn = U, .ista.weight = D^T,
-    maybe prefixed by _orig_mod.) to our names and a ModelConfig."""
-    sd = {}
+    maybe prefixed by _orig_mod.) to our names and a ModelConfig. The authors' CRATE always has LayerNorm and
+    c_proj biases while their train.py records bias=False, so the biases follow the state dict, not model_args.
+    Returns (state dict, config, {our key: the file's key})."""
+    sd, names = {}, {}
     for k, v in state_dict.items():
-        k = k.removeprefix('_orig_mod.')
+        k0 = k = k.removeprefix('_orig_mod.')
         if k.endswith('.attn.bias') and v.dim() == 4:  # a causal-mask buffer, not a parameter
             continue
         for old, new in RELEASED_NAMES.items():
             k = k.replace(old, new)
-        sd[k] = v
+        sd[k], names[k] = v, k0
     known = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in model_args.items() if k in known}, attn='mssa', ffn='ista')
-    return sd, cfg
+    args = {k: v for k, v in model_args.items() if k in known and v is not None}
+    args['bias'] = any(k.endswith(('ln_1.bias', 'ln_2.bias', 'ln_f.bias', 'c_proj.bias')) for k in sd)
+    return sd, ModelConfig(**{**args, 'attn': 'mssa', 'ffn': 'ista'}), names
+
+
+def released_key(k):
+    """Our state-dict key in a released checkpoint's naming (RELEASED_NAMES backwards)."""
+    for old, new in RELEASED_NAMES.items():
+        if not old.startswith('transformer.'):
+            k = k.replace(new, old)
+        elif k.startswith(new):
+            k = old + k[len(new):]
+    return k
+
+
+def check_state_dict(path, model, sd, names=None):
+    """Name the missing, unexpected or mis-shaped entries of sd against model (in the file's own key names)."""
+    names = names or {}
+    want = model.state_dict()
+    missing = [names.get(k, released_key(k) if names else k) for k in want if k not in sd]
+    extra = [names.get(k, k) for k in sd if k not in want]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} its model needs: "
+                         f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if extra:
+        raise ValueError(f"{path} has {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} its model_args do not "
+                         f"explain: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+    for k, v in want.items():
+        if not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape:
+            got = tuple(sd[k].shape) if isinstance(sd[k], torch.Tensor) else type(sd[k]).__name__
+            raise ValueError(f"{path}: {names.get(k, k)} has shape {got}, its model_args say {tuple(v.shape)}")
 
 
 def load_model(path, device='cpu'):
     """A Transformer (or SAEModel) from a checkpoint written by train.py or released by the paper's authors, in
     eval mode, with .val_loss the checkpoint's best validation loss if it has one. path: a .pt file or a directory
-    holding ckpt.pt."""
+    holding ckpt.pt. The format is told by the keys: transformer.* (released CRATE) or wte.weight (ours)."""
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py config/crate_1l.py` "
-                                f"or pass --ckpt=PATH")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
-        raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'model' and 'model_args')")
+    ckpt = read_checkpoint(path)
     sd, args = ckpt['model'], ckpt['model_args']
     if 'sae' in ckpt:                        # an SAE: its base checkpoint, then the SAE on top
         s = ckpt['sae']
+        if not isinstance(s, dict) or not {'base', 'layer', 'n_features', 'l1'} <= set(s):
+            raise ValueError(f"{path}: its 'sae' entry lacks base, layer, n_features or l1")
         model = SAEModel(load_model(s['base'], device), s['layer'], s['n_features'], s['l1'])
+        check_state_dict(path, model.sae, sd)
         model.sae.load_state_dict(sd)
         model.val_loss = None                # an SAE's own loss is no language-model loss
         return model.to(device).eval()
-    if any(k.endswith('.ista.weight') for k in sd):
-        sd, cfg = from_released(sd, args)
-    else:
-        cfg = ModelConfig(**args)
+    keys = [k.removeprefix('_orig_mod.') for k in sd]
+    try:
+        if any(k.startswith('transformer.') for k in keys):
+            sd, cfg, names = from_released(sd, args)
+        elif 'wte.weight' in keys:
+            cfg, names = ModelConfig(**args), {}
+        else:
+            raise ValueError(f"{path}: its state dict is neither ours (wte.weight, blocks.*) nor a released CRATE "
+                             f"checkpoint's (transformer.*)")
+    except TypeError as e:
+        raise ValueError(f"{path}: its model_args do not describe a model here ({e})")
     model = Transformer(cfg)
+    check_state_dict(path, model, sd, names)
     model.load_state_dict(sd)
     model.val_loss = ckpt.get('best_val_loss')
     return model.to(device).eval()

@@ -17,9 +17,11 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import ModelConfig, SAEModel, Transformer, configure, load_model, loss_recovered, script_defaults
+from model import (ModelConfig, SAEModel, SparseAutoencoder, Transformer, check_state_dict, configure, load_model,
+                   loss_recovered, read_checkpoint, script_defaults)
 
 # -----------------------------------------------------------------------------------------------------------
 # defaults: the paper's recipe (the Pile, context 1024, ~0.5M tokens a step, AdamW, cosine schedule)
@@ -52,14 +54,14 @@ batch_size = 12                    # sequences per micro-step per process
 gradient_accumulation_steps = 40   # micro-steps per optimizer step, summed over all processes
 # optimizer
 learning_rate = 6e-4
-max_iters = 100000
+max_iters = 600000                 # the paper's: 600,000 x 491,520 tokens = 295B tokens (config/train_gpt2.py)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                    # 0 disables
 decay_lr = True
 warmup_iters = 2000
-lr_decay_iters = 100000
+lr_decay_iters = 600000
 min_lr = 6e-5
 # system
 device = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -68,12 +70,19 @@ compile = None                     # None: on for CUDA, off elsewhere
 backend = 'auto'                   # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
 peak_tflops = 0.0                  # for MFU where the device is not known (CPU); 0 = detect or leave MFU out
 ista_checkpoint = False            # recompute ISTA's codes in the backward pass instead of keeping them
-# sparse autoencoder mode: train an SAE on one layer's neurons of a frozen trained model (config/sae_*.py)
+# sparse autoencoder mode: train an SAE on one layer's neurons of a frozen trained model (config/sae_*.py has the
+# authors' recipe and where each value comes from). The SAE trains on a shuffled buffer of the layer's activations;
+# a step takes batch_size * block_size * gradient_accumulation_steps of them. The learning rate rises from min_lr to
+# learning_rate over warmup_iters (a half cosine) at the start and again after every resampling, then stays.
 sae_base = ''                      # the base checkpoint; set, the trained model is the SAE
 sae_layer = 0
 sae_expansion = 16                 # features = sae_expansion x the layer's neurons
 sae_l1 = 8e-5
-sae_resample_every = 2500          # iterations; features that did not fire in that window are resampled (0: never)
+sae_buffer = 2**19                 # activations per buffer fill (whole sequences), shuffled, then consumed in order
+sae_resample_at = '10000,20000,50000,75000,100000'   # iterations at which dead features are resampled ('' never)
+sae_resample_window = 7500         # a feature is dead if it fired in under sae_dead_freq of the activations of
+sae_dead_freq = 1e-6               # ... the last sae_resample_window iterations before a resampling
+sae_resample_seqs = 60000          # sequences scored for the new directions (the loss increase when spliced)
 # benchmark mode: --bench=crate,gpt2 times each model at this config's size (no data, eval or checkpoints)
 bench = ''
 bench_steps = 10                   # timed optimizer steps per model per round
@@ -177,7 +186,7 @@ def estimate_loss():
         for chunk in np.array_split(offsets, eval_iters)[rank::world_size]:
             x, y = batch_at(data, chunk)
             with autocast:
-                _, loss = model(x, y)
+                _, loss = (raw_model if sae_base else model)(x, y)
             total += torch.tensor([loss.item() * len(chunk), len(chunk)], device=device, dtype=torch.float64)
         if ddp:
             dist.all_reduce(total)
@@ -220,8 +229,21 @@ def sae_statistics():
             'lm_loss_zero': zeroed, 'loss_recovered': loss_recovered(clean, spliced, zeroed)}
 
 
+def resample_steps():
+    try:
+        return sorted(int(t) for t in sae_resample_at.split(',') if t.strip())
+    except ValueError:
+        fail(f"sae_resample_at={sae_resample_at!r}: give iterations separated by commas, e.g. '10000,20000', or ''")
+
+
 def get_lr(it):
-    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters. An SAE (the authors' schedule):
+    a half cosine from min_lr up to learning_rate over warmup_iters, at the start and after every resampling."""
+    if sae_base:
+        since = it - max([0] + [t for t in resample_steps() if t <= it])
+        if since >= warmup_iters:
+            return learning_rate
+        return min_lr + 0.5 * (1 - math.cos(math.pi * since / warmup_iters)) * (learning_rate - min_lr)
     if not decay_lr:
         return learning_rate
     if it < warmup_iters:
@@ -330,14 +352,23 @@ if bench:
     benchmark()
     sys.exit(0)
 if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
+    try:
+        checkpoint = read_checkpoint(ckpt_path)
+    except FileNotFoundError:
         fail(f"init_from='resume' but {ckpt_path} does not exist; train from scratch first or fix out_dir")
-    checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+    except ValueError as e:
+        fail(str(e))
+    lacking = [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in checkpoint]
+    if lacking:
+        fail(f"{ckpt_path} lacks {', '.join(lacking)}: it is a model-only file (released, or copied), which "
+             f"train.py cannot resume; train from scratch into another out_dir")
     if bool(sae_base) != ('sae' in checkpoint):
         fail(f"resume: {ckpt_path} is {'an SAE' if 'sae' in checkpoint else 'a language model'} checkpoint but "
              f"sae_base is {'set' if sae_base else 'not set'}; use the config it was trained with")
+    if sae_base and 'buffer' not in checkpoint['sae']:
+        fail(f"{ckpt_path} is an SAE checkpoint from before the activation buffer; train it again")
     for k, v in ({} if sae_base else checkpoint['model_args']).items():
-        if model_args.get(k) != v:
+        if k != 'ista_checkpoint' and model_args.get(k) != v:   # recomputing ISTA's codes is memory, not the model
             fail(f"resume: {k}={model_args.get(k)!r} here but {v!r} in {ckpt_path}; "
                  f"resume with the same model settings or use a new out_dir")
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -353,6 +384,8 @@ try:
         trained = model.sae                      # what is optimised and checkpointed; the base stays frozen
     else:
         model = trained = Transformer(ModelConfig(**model_args))
+    if init_from == 'resume':
+        check_state_dict(ckpt_path, trained, checkpoint['model'])
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 if init_from == 'resume':
@@ -365,23 +398,30 @@ if sae_base:   # Adam on the SAE (weight decay 0 by its configs)
 else:
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    sampler.bit_generator.state = checkpoint['rng']['sampler']
-    torch.set_rng_state(checkpoint['rng']['torch'])
-    if device_type == 'cuda' and checkpoint['rng']['cuda'] is not None:
-        torch.cuda.set_rng_state(checkpoint['rng']['cuda'], device)
-    np.random.set_state(checkpoint['rng']['numpy'])
-    if sae_base:
-        raw_model.fired.copy_(checkpoint['sae']['fired'])
-    checkpoint = None
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{ckpt_path}: its optimizer state does not fit this model ({e})")
+    rng = checkpoint['rng']
+    sampler.bit_generator.state = rng['sampler']
+    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+    per_rank = [{'torch': t, 'cuda': c} for t, c in zip(rng['torch'], rng['cuda'])]
+    if len(per_rank) == world_size:           # each rank its own stream: dropout resumes exactly
+        torch.set_rng_state(per_rank[rank]['torch'])
+        if device_type == 'cuda' and per_rank[rank]['cuda'] is not None:
+            torch.cuda.set_rng_state(per_rank[rank]['cuda'], device)
+    else:
+        torch.manual_seed(seed + rank + iter_num)
+        if master:
+            print(f"warning: {ckpt_path} was saved by {len(per_rank)} process(es), this run has {world_size}: "
+                  f"dropout's random numbers will differ from an uninterrupted run")
 else:
     torch.manual_seed(seed + rank)  # dropout differs between ranks; the weights are the same (DDP broadcasts)
+model = trained if sae_base else model    # what a training step calls: the SAE on activation batches, or the LM
 if compile:
     model = torch.compile(model)
 if ddp:
-    # an SAE's fired mask (the only buffer) is per rank and merged at resampling: DDP must not broadcast it
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None,
-                **({'broadcast_buffers': False} if sae_base else {}))
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 if master and sae_base:
     c = raw_model.config
@@ -391,22 +431,128 @@ elif master:
           f"{raw_model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token"
           + ("" if peak else "; MFU not shown: the device's peak is unknown (set --peak_tflops)"))
 
+# The SAE's data: a buffer of sae_buffer // block_size random training windows' activations, shuffled by a seeded
+# permutation, consumed a step at a time and refilled when it cannot serve a whole step (the remainder is dropped).
+# A fill is a function of the sampler's state before it, so a checkpoint records that state, not the buffer.
+buffer, buffer_state = None, None
+fired, fired_since = None, 0     # per feature, activations > 0 since iteration fired_since (summed over ranks later)
+
+
+def fill_buffer(fill):
+    global buffer, buffer_state
+    buffer_state = {'rng': sampler.bit_generator.state, 'fill': fill, 'used': 0}
+    data = tokens('train')
+    offsets = sampler.integers(0, len(data) - block_size - 1, size=max(1, sae_buffer // block_size))
+    with autocast:
+        acts = [raw_model.activations(batch_at(data, chunk)[0]).reshape(-1, raw_model.config.n_in)
+                for chunk in np.array_split(offsets, math.ceil(len(offsets) / batch_size))]
+    acts = torch.cat(acts)
+    order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed * 100003 + fill))
+    buffer = acts[order.to(acts.device)]
+
+
+def sae_batches():
+    """This rank's micro-batches of the next step's activations (the same buffer on every rank)."""
+    if buffer_state['used'] + tokens_per_iter > len(buffer):
+        fill_buffer(buffer_state['fill'] + 1)
+    used = buffer_state['used']
+    step = buffer[used:used + tokens_per_iter].view(gradient_accumulation_steps, batch_size * block_size, -1)
+    buffer_state['used'] += tokens_per_iter
+    return [(step[rank * local_accum + i], None) for i in range(local_accum)]
+
+
+def per_token_loss(x, y, steer):
+    logits, _ = raw_model.base(x, y, steer=steer)
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction='none').view(y.shape)
+
+
+@torch.no_grad()
+def resample_dead(dead):
+    """The authors' resampling (Anthropic's): over sae_resample_seqs training windows, the increase of each token's
+    LM loss when the SAE's reconstruction replaces the layer; one position per window, drawn in proportion to it;
+    then one of those positions per dead feature, in proportion to its increase. The feature's decoder column and
+    encoder row take that position's input direction, the row scaled to 0.2 x the live rows' mean norm, its bias 0;
+    their Adam moments are reset. Every rank computes the same (seeded) result."""
+    if not len(dead):
+        return 0
+    sae, data = raw_model.sae, tokens('train')
+    rng = np.random.default_rng([seed, iter_num])
+    g = torch.Generator(device=device).manual_seed(seed * 100003 + iter_num)
+    offsets = rng.integers(0, len(data) - block_size - 1, size=sae_resample_seqs)
+    increases, inputs = [], []
+    for chunk in np.array_split(offsets, math.ceil(len(offsets) / batch_size)):
+        x, y = batch_at(data, chunk)
+        with autocast:
+            inc = (per_token_loss(x, y, raw_model.splice()) - per_token_loss(x, y, None)).clamp_min(0)
+            acts = raw_model.activations(x)
+        ok = inc.sum(1) > 0
+        pick = torch.multinomial(inc[ok], 1, generator=g).squeeze(1)
+        increases.append(inc[ok, pick])
+        inputs.append(acts[ok, pick])
+    weight, x = torch.cat(increases), torch.cat(inputs)
+    if not len(weight):
+        return 0
+    picks = torch.multinomial(weight, len(dead), replacement=len(dead) > int((weight > 0).sum()), generator=g)
+    d = x[picks] / x[picks].norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    alive = torch.ones(sae.b_enc.shape, dtype=torch.bool, device=d.device).index_fill_(0, dead, False)
+    scale = 0.2 * (sae.W_enc[alive].norm(dim=-1).mean() if alive.any() else 1.0)
+    sae.W_dec[:, dead] = d.T
+    sae.W_enc[dead] = d * scale
+    sae.b_enc[dead] = 0
+    for p, index in ((sae.W_dec, (slice(None), dead)), (sae.W_enc, dead), (sae.b_enc, dead)):
+        for moment in ('exp_avg', 'exp_avg_sq'):
+            if moment in optimizer.state.get(p, {}):
+                optimizer.state[p][moment][index] = 0
+    return len(dead)
+
+
+if sae_base:
+    n_in = raw_model.config.n_in
+    if max(1, sae_buffer // block_size) * block_size < tokens_per_iter:
+        fail(f"sae_buffer={sae_buffer} holds fewer activations than one step takes ({tokens_per_iter}); raise it")
+    if init_from == 'resume':    # rebuild the buffer the checkpoint was drawing from, where it was
+        s = checkpoint['sae']
+        sampler.bit_generator.state = s['buffer']['rng']
+        fill_buffer(s['buffer']['fill'])
+        buffer_state['used'] = s['buffer']['used']
+        fired, fired_since = s['fired'].to(device) * int(master), s['fired_since']   # the sum over ranks, once
+    else:
+        fill_buffer(0)
+        fired = torch.zeros(raw_model.config.n_features, dtype=torch.long, device=device)
+if init_from == 'resume':
+    checkpoint = None
+
 
 def log(record):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
-def save_checkpoint():
-    """Written to a temporary file and renamed: a kill mid-write never leaves a broken ckpt.pt."""
+def gather_state():
+    """What the checkpoint needs from every rank (a collective: every rank calls it): each rank's torch (and CUDA)
+    generator state, and an SAE's firing counts summed over the ranks."""
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device_type == 'cuda' else None)
+    every, total = [mine], fired.clone() if sae_base else None
+    if ddp:
+        every = [None] * world_size
+        dist.all_gather_object(every, mine)
+        if sae_base:
+            dist.all_reduce(total)
+    return every, total
+
+
+def save_checkpoint(gathered):
+    """Plain types and tensors only (loadable with weights_only=True); written to a temporary file and renamed, so a
+    kill mid-write never leaves a broken ckpt.pt."""
+    states, fired_total = gathered
+    np_state = np.random.get_state()
     state = {'model': trained.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
              'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
-             'rng': {'sampler': sampler.bit_generator.state, 'torch': torch.get_rng_state(),
-                     'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None,
-                     'numpy': np.random.get_state()}}
+             'rng': {'sampler': sampler.bit_generator.state, 'torch': [t for t, _ in states],
+                     'cuda': [c for _, c in states], 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}}
     if sae_base:
         state['sae'] = {'base': os.path.abspath(sae_base), 'layer': sae_layer, 'n_features': raw_model.config.n_features,
-                        'l1': sae_l1, 'fired': raw_model.fired.cpu()}
+                        'l1': sae_l1, 'fired': fired_total.cpu(), 'fired_since': fired_since, 'buffer': dict(buffer_state)}
         state['model_args'] = asdict(raw_model.base.config)
     tmp = ckpt_path + '.tmp'
     torch.save(state, tmp)
@@ -426,6 +572,7 @@ def stop_on_nonfinite(what, value):
 
 # training loop: iteration iter_num evaluates (and checkpoints) the model after iter_num updates, then steps
 start_iter, t0, timed_iters = iter_num, time.time(), 0
+resample_at = resample_steps() if sae_base else []
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -433,26 +580,32 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter and init_from == 'resume'):
         losses = estimate_loss()
         stop_on_nonfinite('validation loss', losses['val'])
+        save = iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint)
+        best_val_loss = min(best_val_loss, losses['val'])
+        gathered = gather_state() if save else None   # every rank's, so that each resumes with its own
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             if sae_base:
                 print('  ' + ', '.join(f"{k} {v:.4f}" for k, v in losses.items() if k not in ('train', 'val')))
             log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
                  **{k: v for k, v in losses.items() if k not in ('train', 'val')}})
-            if losses['val'] < best_val_loss or always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses['val'])
-                if iter_num > 0:
-                    save_checkpoint()
-                    print(f"saved {ckpt_path}")
+            if save:
+                save_checkpoint(gathered)
+                print(f"saved {ckpt_path}")
         t0, timed_iters = time.time(), 0  # leave evaluation out of the step timing
     if iter_num >= max_iters:
         break
 
     step_loss = torch.zeros((), device=device)
-    for micro_step, (x, y) in enumerate(train_batches()):
+    for micro_step, (x, y) in enumerate(sae_batches() if sae_base else train_batches()):
         sync = micro_step == local_accum - 1  # all-reduce gradients on the last micro-step only
         with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
-            _, loss = model(x, y)
+            if sae_base:
+                x_hat, f = model(x)
+                loss = SparseAutoencoder.loss(x, x_hat, f, sae_l1)
+                fired += (f > 0).sum(0)
+            else:
+                _, loss = model(x, y)
             loss = loss / local_accum  # DDP then averages over ranks: the gradient of the global batch's mean
         step_loss += loss.detach()
         scaler.scale(loss).backward()
@@ -467,17 +620,17 @@ while True:
     if sae_base:
         trained.normalize_decoder_()
     iter_num += 1
-    if sae_base and sae_resample_every and iter_num % sae_resample_every == 0:
-        if ddp:   # the same dead set on every rank, then rank 0's new directions for all
-            fired = raw_model.fired.to(torch.uint8)
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            raw_model.fired.copy_(fired.bool())
-        n_dead = raw_model.resample_dead_(optimizer)
+    if sae_base and iter_num in resample_at:
         if ddp:
-            for p in trained.parameters():
-                dist.broadcast(p.data, 0)
+            dist.all_reduce(fired)
+        freq = fired.double() / ((iter_num - fired_since) * tokens_per_iter)
+        n_dead = resample_dead(torch.nonzero(freq < sae_dead_freq).squeeze(1))
         if master:
-            print(f"iter {iter_num}: resampled {n_dead} dead features")
+            print(f"iter {iter_num}: resampled {n_dead} dead features (fired in under {sae_dead_freq:g} of the "
+                  f"activations since iter {fired_since})")
+    if sae_base and (iter_num + sae_resample_window in resample_at or iter_num in resample_at):
+        fired.zero_()                # count firing afresh over the window before the next resampling
+        fired_since = iter_num
     timed_iters += 1
 
     if iter_num % log_interval == 0:

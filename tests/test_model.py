@@ -45,7 +45,7 @@ def test_ista_matches_the_formula(t, eta, lam):
     torch.testing.assert_close(A, ref_A, rtol=1e-12, atol=1e-12)
     assert A.min() >= 0 and (A == 0).any() and (A > 0).any()
     assert block.weight.shape == (64, 16)  # D^T, (h, d)
-    bound = 1 / math.sqrt(16)                # Kaiming-uniform with fan_in = d, as nn.Linear
+    bound = math.sqrt(6 / 16)                # the authors: kaiming_uniform_(weight), a=0, fan_in = d
     assert block.weight.abs().max() <= bound and block.weight.abs().max() > 0.9 * bound
 
 
@@ -98,7 +98,9 @@ def test_init():
     assert abs(b.attn.U.weight.std().item() - 0.02) < 1e-3
     assert abs(b.attn.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 3e-4
     assert b.attn.c_proj.bias.abs().max() == 0
-    assert abs(b.ffn.weight.std().item() - 1 / math.sqrt(3 * 256)) < 2e-3  # Kaiming-uniform, untouched
+    bound = math.sqrt(6 / 256)               # the authors' kaiming_uniform_(weight), a=0: +-sqrt(6/d), untouched
+    assert 0.99 * bound < b.ffn.weight.abs().max().item() <= bound
+    assert abs(b.ffn.weight.std().item() - bound / math.sqrt(3)) < 2e-3
     assert model.lm_head.weight is model.wte.weight
     g = Transformer(ModelConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=4096, **GPT2)).blocks[0]
     assert abs(g.ffn.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 3e-4
@@ -155,26 +157,62 @@ def test_generate_is_reproducible():
     assert torch.equal(greedy, model.generate(x, 4, temperature=0))
 
 
-def test_released_checkpoint_loads(tmp_path):
-    """The paper's released CRATE checkpoints: nanoGPT-format dicts with their own key names."""
-    torch.manual_seed(7)
-    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64)
-    ours = Transformer(cfg).eval()
-    released = {}
-    for k, v in ours.state_dict().items():
-        k = (k.replace('wte.', 'transformer.wte.').replace('wpe.', 'transformer.wpe.')
-             .replace('ln_f.', 'transformer.ln_f.').replace('blocks.', 'transformer.h.')
-             .replace('.ln_1.', '.prenorm_1.').replace('.ln_2.', '.prenorm_2.')
-             .replace('.attn.U.', '.attn.c_attn.').replace('.ffn.weight', '.ista.weight'))
-        released['_orig_mod.' + k] = v.clone()
-    assert released['_orig_mod.transformer.h.1.ista.weight'].shape == (64, 16)
-    released['_orig_mod.transformer.h.0.attn.bias'] = torch.tril(torch.ones(8, 8)).view(1, 1, 8, 8)
-    args = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=64, dropout=0.0)
-    torch.save({'model': released, 'model_args': args, 'iter_num': 1}, tmp_path / 'ckpt.pt')
-    loaded = load_model(str(tmp_path))
-    assert (loaded.config.attn, loaded.config.ffn, loaded.config.ista_steps) == ('mssa', 'ista', 2)
-    idx = torch.randint(0, 64, (2, 8))
-    assert torch.equal(loaded(idx, idx)[0], ours(idx, idx)[0])
+def released_crate(n_layer=2, d=16, heads=2, T=8, V=64, seed=7):
+    """A state dict in the authors' format (crate_overcomplete.py's names, torch.compile's prefix, the causal-mask
+    buffer), with model_args as their train.py records them: bias=False, although their CRATE has biases."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3
+    sd = {'transformer.wte.weight': r(V, d), 'transformer.wpe.weight': r(T, d),
+          'transformer.ln_f.weight': 1 + r(d), 'transformer.ln_f.bias': r(d)}
+    for i in range(n_layer):
+        p = f'transformer.h.{i}.'
+        sd.update({p + 'prenorm_1.weight': 1 + r(d), p + 'prenorm_1.bias': r(d), p + 'attn.c_attn.weight': r(d, d),
+                   p + 'attn.c_proj.weight': r(d, d), p + 'attn.c_proj.bias': r(d), p + 'prenorm_2.weight': 1 + r(d),
+                   p + 'prenorm_2.bias': r(d), p + 'ista.weight': r(4 * d, d),
+                   p + 'attn.bias': torch.tril(torch.ones(T, T)).view(1, 1, T, T)})
+    sd['lm_head.weight'] = sd['transformer.wte.weight']
+    args = dict(n_layer=n_layer, n_head=heads, n_embd=d, block_size=T, bias=False, vocab_size=V, dropout=0.0)
+    return {'_orig_mod.' + k: v for k, v in sd.items()}, args
+
+
+def crate_from_the_equations(sd, idx, n_layer, heads):
+    """Logits and codes of a released CRATE, written from the paper's equations with plain tensor operations."""
+    w = {k.removeprefix('_orig_mod.'): v.double() for k, v in sd.items()}
+    ln = lambda x, p: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) \
+        * w[p + '.weight'] + w[p + '.bias']
+    B, T = idx.shape
+    z = w['transformer.wte.weight'][idx] + w['transformer.wpe.weight'][:T]
+    codes = []
+    for i in range(n_layer):
+        p = f'transformer.h.{i}.'
+        u = ln(z, p + 'prenorm_1') @ w[p + 'attn.c_attn.weight'].T                     # u = U x, query = key = value
+        uk = u.view(B, T, heads, -1).transpose(1, 2)
+        scores = uk @ uk.transpose(-1, -2) / math.sqrt(uk.shape[-1])
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float('-inf'))
+        heads_out = (scores.softmax(-1) @ uk).transpose(1, 2).reshape(B, T, -1)
+        z = z + heads_out @ w[p + 'attn.c_proj.weight'].T + w[p + 'attn.c_proj.bias']   # Z_half = Z + MSSA(LN1(Z))
+        x, D = ln(z, p + 'prenorm_2'), w[p + 'ista.weight'].T                          # D: d x 4d
+        A = torch.zeros(B, T, D.shape[1], dtype=torch.float64)
+        for _ in range(2):                           # A_k = ReLU(A_{k-1} + eta D^T (x - D A_{k-1}) - eta lambda)
+            A = torch.relu(A + 0.1 * (x - A @ D.T) @ D - 0.1 * 0.1)
+        codes.append(A)
+        z = A @ D.T                                                                    # Z_next = D A_t
+    return ln(z, 'transformer.ln_f') @ w['transformer.wte.weight'].T, codes
+
+
+def test_released_checkpoint_loads_and_equals_the_equations(tmp_path):
+    """The paper's released CRATE checkpoints: nanoGPT-format dicts with their own key names, bias=False recorded."""
+    sd, args = released_crate()
+    torch.save({'model': sd, 'model_args': args, 'iter_num': 1, 'best_val_loss': torch.tensor(3.5)}, tmp_path / 'ckpt.pt')
+    loaded = load_model(str(tmp_path)).double()
+    assert (loaded.config.attn, loaded.config.ffn, loaded.config.ista_steps, loaded.config.bias) == ('mssa', 'ista', 2, True)
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(8))
+    logits, _, codes = loaded(idx, idx, return_neurons=True)
+    want_logits, want_codes = crate_from_the_equations(sd, idx, 2, 2)
+    torch.testing.assert_close(logits, want_logits)
+    for got, want in zip(codes, want_codes):
+        torch.testing.assert_close(got, want)
+    assert float(loaded.val_loss) == 3.5
 
 
 def test_bad_config_is_a_clear_error():

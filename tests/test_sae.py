@@ -1,3 +1,4 @@
+import math
 import re
 
 import pytest
@@ -7,23 +8,36 @@ from conftest import TINY, read_log, run
 from model import SparseAutoencoder, load_model, loss_recovered
 
 
-def test_sae_loss_and_unit_norm_decoder():
+def test_sae_loss_is_the_authors_and_the_decoder_stays_unit_norm():
     torch.manual_seed(0)
     sae = SparseAutoencoder(8, 32)
     x = torch.relu(torch.randn(50, 8))
     x_hat, f = sae(x)
-    want = (((x_hat - x) ** 2).sum(-1) / x.norm(dim=-1) + 1e-2 * f.abs().sum(-1)).mean()
-    loss = sae.loss(x, x_hat, f, 1e-2)
-    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    # arthursae loss_fn, l2_loss_form='normalize', l1_loss_form='l1': squared error over ||x||, meaned over tokens
+    # and inputs alike; |f| summed over features, meaned over tokens
+    recon = sum(((x_hat[t, i] - x[t, i]) ** 2 / x[t].norm()).item() for t in range(50) for i in range(8)) / (50 * 8)
+    l1 = sum(f[t].abs().sum().item() for t in range(50)) / 50
+    assert sae.loss(x, x_hat, f, 1e-2).item() == pytest.approx(recon + 1e-2 * l1, rel=1e-5)
     torch.testing.assert_close(f, torch.relu((x - sae.b_dec) @ sae.W_enc.T + sae.b_enc))
     torch.testing.assert_close(x_hat, f @ sae.W_dec.T + sae.b_dec)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    loss.backward()
+    sae.loss(x, x_hat, f, 1e-2).backward()
     sae.remove_parallel_grad_()
     assert (sae.W_dec.grad * sae.W_dec).sum(0).abs().max() < 1e-6      # no component along the columns
     opt.step()
     sae.normalize_decoder_()
     torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(32))
+
+
+def test_sae_init_is_the_authors():
+    torch.manual_seed(1)
+    sae = SparseAutoencoder(512, 8192)
+    bound = math.sqrt(6 / 8192)                        # kaiming_uniform_ on their (d_in, d_sae) W_enc: fan_in = d_sae
+    assert bound * 0.99 < sae.W_enc.abs().max() <= bound
+    assert sae.W_enc.std().item() == pytest.approx(bound / math.sqrt(3), rel=1e-2)
+    torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(8192))
+    assert not torch.allclose(sae.W_enc.T / sae.W_enc.norm(dim=1), sae.W_dec)      # encoder and decoder independent
+    assert (sae.b_enc == 0).all() and (sae.b_dec == 0).all()
 
 
 def test_loss_recovered_on_the_papers_numbers():
@@ -42,7 +56,8 @@ def base(data_dir, tmp_path_factory):
 def train_sae(data_dir, base, out, *args, **kw):
     return run('train.py', 'config/sae_gpt2_1l.py', f'--sae_base={base}', f'--data_dir={data_dir}', '--dataset=toy',
                f'--out_dir={out}', '--block_size=32', '--batch_size=8', '--device=cpu', '--compile=False',
-               '--eval_iters=4', '--log_interval=1', '--sae_expansion=2', *args, **kw)
+               '--eval_iters=4', '--log_interval=1', '--sae_expansion=2', '--sae_buffer=1024', '--sae_resample_seqs=24',
+               '--warmup_iters=10', *args, **kw)
 
 
 def test_sae_training_lowers_the_error_and_l1_sets_the_sparsity(data_dir, base, tmp_path):
@@ -50,11 +65,16 @@ def test_sae_training_lowers_the_error_and_l1_sets_the_sparsity(data_dir, base, 
     for l1 in (1e-4, 3e-2):
         out = tmp_path / str(l1)
         p = train_sae(data_dir, base, out, f'--sae_l1={l1}', '--max_iters=120', '--eval_interval=60',
-                      '--learning_rate=3e-3', '--sae_resample_every=50')
+                      '--learning_rate=3e-3', '--min_lr=3e-4', '--sae_resample_at=50,100', '--sae_resample_window=20')
         evals = [r for r in read_log(out) if 'recon_error' in r]
         assert [r['iter'] for r in evals] == [0, 60, 120]
         assert evals[-1]['recon_error'] < 0.5 * evals[0]['recon_error']
-        assert 'resampled' in p.stdout
+        resampled = re.findall(r'iter (\d+): resampled (\d+) dead features .* since iter (\d+)', p.stdout)
+        assert [(t, since) for t, _, since in resampled] == [('50', '30'), ('100', '80')]
+        assert int(resampled[0][1]) > 0                                   # features were replaced
+        lr = {r['iter']: r['lr'] for r in read_log(out) if 'lr' in r}   # the lr of the step that ended at iter
+        assert lr[1] == pytest.approx(3e-4) and lr[11] == lr[50] == pytest.approx(3e-3)
+        assert lr[51] == pytest.approx(3e-4) and lr[56] == pytest.approx(3e-4 + 2.7e-3 * (1 - math.cos(math.pi / 2)) / 2)
         last = evals[-1]
         assert last['lm_loss_zero'] > last['lm_loss_clean']
         assert last['loss_recovered'] == pytest.approx(loss_recovered(last['lm_loss_clean'], last['lm_loss_spliced'],
@@ -67,10 +87,14 @@ def test_sae_training_lowers_the_error_and_l1_sets_the_sparsity(data_dir, base, 
 
 
 def test_sae_resume_is_exact(data_dir, base, tmp_path):
-    args = ['--max_iters=8', '--eval_interval=4', '--sae_resample_every=3']
+    # 4 steps a buffer fill: the resume rebuilds fill 0 from the checkpoint, then draws fill 1 as the full run did;
+    # firing counted from iter 3 (window 3) crosses the checkpoint at iter 4 into the resampling at iter 6
+    args = ['--max_iters=8', '--eval_interval=4', '--sae_resample_at=2,6', '--sae_resample_window=3']
     train_sae(data_dir, base, tmp_path / 'full', *args)
-    train_sae(data_dir, base, tmp_path / 'part', '--max_iters=4', '--eval_interval=4', '--sae_resample_every=3')
-    train_sae(data_dir, base, tmp_path / 'part', *args, '--init_from=resume')
+    train_sae(data_dir, base, tmp_path / 'part', '--max_iters=4', '--eval_interval=4', '--sae_resample_at=2,6',
+              '--sae_resample_window=3')
+    p = train_sae(data_dir, base, tmp_path / 'part', *args, '--init_from=resume')
+    assert 'iter 6: resampled' in p.stdout
     full = {r['iter']: r['loss'] for r in read_log(tmp_path / 'full') if 'loss' in r}
     part = {r['iter']: r['loss'] for r in read_log(tmp_path / 'part') if 'loss' in r}
     assert full == part and len(full) == 8
@@ -102,7 +126,8 @@ def test_interpret_and_steer_through_the_sae(data_dir, base, tmp_path):
 
 def test_sae_trains_the_same_under_torchrun(data_dir, base, tmp_path):
     import sys
-    args = ['--max_iters=4', '--eval_interval=4', '--gradient_accumulation_steps=2', '--sae_resample_every=0']
+    args = ['--max_iters=4', '--eval_interval=4', '--gradient_accumulation_steps=2', '--sae_resample_at=2',
+            '--sae_resample_window=2']
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
     train_sae(data_dir, base, tmp_path / 'ddp', *args, cmd=torchrun, env={'OMP_NUM_THREADS': '1'})
     train_sae(data_dir, base, tmp_path / 'one', *args, env={'OMP_NUM_THREADS': '1'})

@@ -35,7 +35,7 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
     args = ['--max_iters=12', '--eval_interval=6', '--lr_decay_iters=12', '--dropout=0.1']
     train(data_dir, tmp_path / 'full', *args)
     train(data_dir, tmp_path / 'part', *args[1:], '--max_iters=6')
-    ckpt = torch.load(tmp_path / 'part' / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(tmp_path / 'part' / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 6 and set(ckpt['rng']) == {'sampler', 'torch', 'cuda', 'numpy'}
     train(data_dir, tmp_path / 'part', *args, '--init_from=resume')
     full, part = losses(tmp_path / 'full'), losses(tmp_path / 'part')
