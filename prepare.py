@@ -21,7 +21,8 @@ import numpy as np
 
 EOT = 50256
 HUB = {  # name: (hub path, config, train split, val split or None to hold out by hash, default budgets)
-    'pile': ('monology/pile-uncopyrighted', None, 'train', 'validation', (3_000_000_000, 10_000_000)),
+    # 30B: the paper's schedule (295B tokens) then passes over it about 10 times; 'all' is about one pass (README)
+    'pile': ('monology/pile-uncopyrighted', None, 'train', 'validation', (30_000_000_000, 10_000_000)),
     'fineweb-edu': ('HuggingFaceFW/fineweb-edu', 'sample-10BT', 'train', None, (3_000_000_000, 10_000_000)),
     'tinystories': ('roneneldan/TinyStories', None, 'train', 'validation', (600_000_000, 10_000_000)),
 }
