@@ -58,21 +58,26 @@ simulator_model = ''         # default: the explainer model; the paper used meta
 base_url = ''                # an OpenAI-compatible server, default $OPENAI_BASE_URL
 simulator_base_url = ''      # when the simulator lives on another server
 api_key = ''                 # default $OPENAI_API_KEY; any string for a local server
-explainer_temperature = 0.0  # the paper: 1.0
+explainer_temperature = 1.0  # the paper's (OpenAI's explainer default)
+explainer_max_tokens = 60    # the paper's
 simulator_top_logprobs = 5   # all-at-once: alternatives per position (the paper: 5)
 concurrency = 16             # requests in flight
 max_retries = 3              # the client's retries of 408/429/5xx
 timeout = 120.0              # seconds per request
 bad_answer_retries = 2       # an empty explanation or a malformed simulation is asked again this often
+max_no_digit = 0.1           # all-at-once: a neuron whose slots had no 0-10 digit among their top-k this often fails
 resume = True                # keep the neurons a killed run finished
 dry_run = False              # print how many requests and tokens a run would use, and stop
-anthropic_max_gb = 2.0       # memory for the Anthropic ranking: (N*T) x neurons-per-chunk x 16 bytes at most
+anthropic_max_gb = 2.0       # memory of the Anthropic ranking, its temporaries counted (N*T x neurons a chunk x
+                             # RANK_BYTES); the forward pass at batch_size comes on top of it
 bench = False                # time a plain forward pass against the recording pass and exit
 device = 'auto'
 dtype = 'float32'            # 'float32' or 'bfloat16' (recording)
 # -----------------------------------------------------------------------------------------------------------
 
 TOP, RAND, BANDS, BAND_ITEMS = 50, 50, 11, 20
+RANK_BYTES = 20              # Anthropic ranking, per (position, neuron): the float32 values, a shuffled copy and its
+                             # sorted values, then the int64 sort order and the positions it maps to (4+4+4+8, 4+8+8)
 WINDOW = {'openai': (32, 32), 'anthropic': (4, 4)}   # tokens before pos, from pos on
 PEAK_RUN = 32                # OpenAI recording: a neuron's maximum over runs of up to this many positions
 EVEN = [0, 2, 4, 6, 8]
@@ -251,13 +256,14 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
 
 def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
     """The rank bands need each neuron's activations on all N*T positions. Memory bound: neurons are taken in
-    chunks of c so that the (N*T, c) float32 activations, their int64 sort order and one copy of the values
-    (16 bytes an entry) stay under anthropic_max_gb; each chunk is one forward pass over the N sequences."""
+    chunks of c so that what the ranking holds at its peak, RANK_BYTES an entry, stays under anthropic_max_gb;
+    each chunk is one forward pass over the N sequences. Ties (a band of zeros) are ranked in a seeded random
+    order, so that a band's items come from the whole stream, not from its first stretch."""
     n_seq, T = seqs.shape
     P = n_seq * T
     if P < 12 * BAND_ITEMS:
         raise InterpretError(f"the Anthropic protocol needs at least {12 * BAND_ITEMS} tokens; raise --n_anthropic")
-    chunk = max(1, int(anthropic_max_gb * 1e9 // (16 * P)))
+    chunk = max(1, int(anthropic_max_gb * 1e9 // (RANK_BYTES * P)))
     edges = [P * b // 12 for b in range(13)]      # rank cuts at 0, 1/12, ..., 12/12
     records = {}
     for l in layer_ids:
@@ -275,7 +281,10 @@ def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
             if stats is not None:
                 alive = (M.amax(0) > 0)
                 stats[l]['alive'] = alive if c0 == 0 else torch.cat([stats[l]['alive'], alive])
-            order = torch.sort(M, dim=0, descending=True, stable=True).indices.numpy()   # ranks -> positions
+            shuffle = torch.randperm(P, generator=torch.Generator().manual_seed(seed * 7919 + l))
+            ranked = torch.sort(M[shuffle], dim=0, descending=True, stable=True).indices   # ties: shuffled order
+            order = shuffle[ranked].numpy()                                                # ranks -> positions
+            del ranked
             for j in range(len(cc)):
                 n = c0 + j
                 neuron = cols[l][n]
@@ -381,18 +390,25 @@ async def score_neuron(rec, n, protocol, decode, llm):
                 out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
                                'explanation': explanation, 'failure': 'explanation' if not explanation else 'simulation'}
                 continue
-            preds, hard = sim
-        true = np.concatenate([a for _, a in scoring])
-        score = pearson(true, np.concatenate(preds))
+            preds, hard, no_digit = sim
+            slots = sum(len(p) for p in preds)
+            if no_digit > max_no_digit * slots:          # not zeros: the simulator did not answer with a value
+                out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
+                               'explanation': explanation, 'no_digit': no_digit,
+                               'failure': f'no digit among the top-k at {no_digit} of {slots} slots'}
+                continue
+        true, pred = np.concatenate([a for _, a in scoring]), np.concatenate(preds)
+        read = ~np.isnan(pred)                            # slots without a digit leave the correlation
+        score = pearson(true[read], pred[read])
         out[method] = {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m, 'hard': hard,
-                       'explanation': explanation,
+                       'explanation': explanation, 'no_digit': int((~read).sum()),
                        'show': [(toks, a.tolist(), p.tolist()) for (toks, a), p in zip(scoring[:3], preds[:3])]}
     return out
 
 
-def summarize(per_layer_scores):
+def summarize(per_layer_scores, n_layer):
     """{layer: [score or None]} -> per layer mean/std x100 and counts, and the model's mean and population
-    variance across layers, with and without the last layer."""
+    variance across layers, with and without the model's last layer (n_layer - 1, where it was evaluated)."""
     layers_out = {}
     for l, items in per_layer_scores.items():
         scored = [s['score'] for s in items if not s['dead'] and s['score'] is not None]
@@ -400,9 +416,10 @@ def summarize(per_layer_scores):
                          'std': 100 * float(np.std(scored)) if scored else None,
                          'scored': len(scored), 'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None),
                          'dead': sum(1 for s in items if s['dead']), 'failed': sum(1 for s in items if s.get('failed')),
-                         'hard': sum(1 for s in items if s.get('hard'))}
+                         'hard': sum(1 for s in items if s.get('hard')),
+                         'no_digit_slots': sum(s.get('no_digit', 0) for s in items)}
     means = [v['mean'] for v in layers_out.values() if v['mean'] is not None]
-    all_but_last = [layers_out[l]['mean'] for l in sorted(layers_out)[:-1] if layers_out[l]['mean'] is not None]
+    all_but_last = [v['mean'] for l, v in layers_out.items() if l != n_layer - 1 and v['mean'] is not None]
     model = {'mean': float(np.mean(means)) if means else None, 'var': float(np.var(means)) if means else None,
              'mean_excl_last': float(np.mean(all_but_last)) if all_but_last else None,
              'var_excl_last': float(np.var(all_but_last)) if all_but_last else None}
@@ -410,58 +427,131 @@ def summarize(per_layer_scores):
 
 
 # --- the LLM roles: explainer and simulators through any OpenAI-compatible server ------------------------------
+# The prompts follow the structure of OpenAI's automated-interpretability as the paper ran it (instructions, a fixed
+# block of few-shot example neurons, then the neuron under test), with our own wording and our own examples. The
+# few-shot block comes first and is the same in every request, so that a server's prefix cache can reuse it.
 
-EXPLAINER_SYSTEM = (
-    "You study single neurons inside a language model. You are shown text excerpts, one token per line, each "
-    "followed by a tab and the neuron's activation on that token, an integer from 0 (silent) to 10 (strongest). "
-    "Say in a short phrase what the neuron responds to. Look at which tokens fire and what surrounds them; prefer "
-    "a precise description over a general one. Answer with the phrase only, on one line.")
-EXPLAINER_EXAMPLE = (
-    "<start>\nShe\t0\n planted\t0\n tulips\t9\n and\t0\n roses\t10\n by\t0\n the\t0\n gate\t0\n<end>\n"
-    "<start>\nA\t0\n bunch\t0\n of\t0\n daisies\t8\n sat\t0\n on\t0\n the\t0\n table\t0\n<end>\n"
-    "Non-zero tokens: tulips, roses, daisies\n\n"
-    "Complete the sentence: the main thing this neuron does is find", "names of flowers")
-SIMULATOR_SYSTEM = (
-    "You predict how a single neuron of a language model responds to text. Given a description of the neuron "
-    "and a list of tokens, give for each token the neuron's activation as an integer from 0 (silent) to 10 "
-    "(strongest). Most tokens are 0. Answer with JSON only: {\"activations\": [one integer per token]}.")
+EXPLANATION_PREFIX = 'the main thing this neuron does is find'
+INSTRUCTIONS = (
+    "We study single neurons inside a language model. Each neuron responds to some particular thing in a short "
+    "text. Its activation on each token is written as token<TAB>activation, an integer from 0 (silent) to 10 "
+    "(strongest); most activations are 0.")
+EXPLAINER_TASK = (" Read the excerpts a neuron responds to and say, in a short phrase, what it responds to. Look at "
+                  "which tokens fire and at what surrounds them; prefer a precise phrase to a general one.")
+SIMULATOR_TASK = (" Given a neuron's explanation, predict its activation on each token; \"unknown\" marks an "
+                  "activation to predict.")
+CHAT_SIMULATOR_TASK = (" Given a neuron's explanation and a list of tokens, answer with the activation of each token "
+                       "as JSON only: {\"activations\": [one integer per token]}.")
+# Example neurons, written for this project: (explanation, excerpts of (token, activation 0-10)).
+FEW_SHOT = [
+    ('days of the week, most strongly when they name a day of a meeting or event', [
+        [(' The', 0), (' board', 0), (' met', 0), (' on', 0), (' Friday', 10), (' and', 0), (' again', 0),
+         (' on', 0), (' Sunday', 8), (' evening', 1), ('.', 0)],
+        [(' Every', 0), (' Tuesday', 9), (' the', 0), (' market', 0), (' opens', 0), (' at', 0), (' six', 0),
+         ('.', 0)]]),
+    ('closing brackets that end a parenthetical remark or citation', [
+        [(' results', 0), (' (', 0), ('see', 0), (' Table', 0), (' 2', 1), (')', 10), (' were', 0),
+         (' clear', 0), (' (', 0), ('p', 0), (' <', 0), (' 0', 0), ('.', 0), ('05', 0), (').', 7)]]),
+    ('words about the sea, boats and water', [
+        [(' The', 0), (' boat', 5), (' drifted', 2), (' across', 0), (' the', 0), (' bay', 8), (' while', 0),
+         (' waves', 10), (' broke', 1), (' on', 0), (' the', 0), (' shore', 6), ('.', 0)]]),
+]
 
 
 def show_token(text):
     return text.replace('\\', '\\\\').replace('\n', '\\n').replace('\t', '\\t')
 
 
-def explainer_messages(expl, m, decode):
-    """The explanation set as <start> token<TAB>activation ... <end>, non-zero tokens again when they are rare."""
-    blocks, shown, nonzero = [], 0, []
-    for toks, a in expl:
-        q = quantize(a, m)
-        blocks.append('<start>\n' + ''.join(f"{show_token(decode([t]))}\t{v}\n" for t, v in zip(toks, q)) + '<end>\n')
-        shown += len(q)
-        nonzero += [show_token(decode([t])) for t, v in zip(toks, q) if v > 0]
-    body = ''.join(blocks)
+def listing(tokens, values):
+    """One excerpt as <start>, token<TAB>value lines, <end>; values may be 'unknown'."""
+    return '<start>\n' + ''.join(f"{show_token(t)}\t{v}\n" for t, v in zip(tokens, values)) + '<end>\n'
+
+
+def explainer_body(excerpts):
+    """excerpts: [(token texts, 0-10 values)]: the listings, and the non-zero tokens again when they are rare."""
+    shown = sum(len(v) for _, v in excerpts)
+    nonzero = [show_token(t) for toks, vals in excerpts for t, v in zip(toks, vals) if v > 0]
+    body = ''.join(listing(t, v) for t, v in excerpts)
     if len(nonzero) < 0.2 * shown:
         body += 'Non-zero tokens: ' + ', '.join(nonzero) + '\n'
-    ask = '\nComplete the sentence: the main thing this neuron does is find'
-    example_q, example_a = EXPLAINER_EXAMPLE
-    return [{'role': 'system', 'content': EXPLAINER_SYSTEM}, {'role': 'user', 'content': example_q},
-            {'role': 'assistant', 'content': example_a}, {'role': 'user', 'content': body + ask}]
+    return body + f'\nComplete the sentence: {EXPLANATION_PREFIX}'
 
 
-def clean_explanation(text):
+def with_instructions(system, turns, system_role):
+    """A system message, or (for a chat template that rejects one) the instructions at the head of the first turn."""
+    if system_role:
+        return [{'role': 'system', 'content': system}] + turns
+    return [{**turns[0], 'content': system + '\n\n' + turns[0]['content']}] + turns[1:]
+
+
+def explainer_messages(expl, m, decode, system_role=True):
+    turns = []
+    for explanation, examples in FEW_SHOT:
+        turns += [{'role': 'user', 'content': explainer_body([([t for t, _ in ex], [v for _, v in ex]) for ex in examples])},
+                  {'role': 'assistant', 'content': explanation}]
+    turns.append({'role': 'user', 'content': explainer_body([([decode([t]) for t in toks], quantize(a, m).tolist())
+                                                             for toks, a in expl])})
+    return with_instructions(INSTRUCTIONS + EXPLAINER_TASK, turns, system_role)
+
+
+def clean_explanation(text, limit=300):
+    """The answer's first line, without the prompt's lead-in, a trailing period or one pair of enclosing quotes."""
     line = (text or '').strip().split('\n')[0].strip()
-    line = line.strip('"\'“”‘’` ').rstrip('.').strip()
-    for lead in ('the main thing this neuron does is find', 'find'):
+    for lead in (EXPLANATION_PREFIX, 'find'):
         if line.lower().startswith(lead + ' '):
-            line = line[len(lead) + 1:]
-    return line
+            line = line[len(lead) + 1:].strip()
+    line = line.rstrip('.').strip()
+    for a, b in ('""', "''", '“”', '‘’', '``'):
+        if len(line) >= 2 and line[0] == a and line[-1] == b and b not in line[1:-1]:   # one pair around it all
+            line = line[1:-1].strip()
+            break
+    return line[:limit]
 
 
-def simulator_messages(explanation, tokens):
-    listing = '\n'.join(f"{i}: {json.dumps(t)}" for i, t in enumerate(tokens))
-    return [{'role': 'system', 'content': SIMULATOR_SYSTEM},
-            {'role': 'user', 'content': f"Neuron: finds {explanation}.\n{len(tokens)} tokens:\n{listing}\n"
-                                        f"Reply with {{\"activations\": [{len(tokens)} integers from 0 to 10]}}."}]
+def simulator_prompt(explanation, tokens, slot='unknown'):
+    """The all-at-once prompt for one excerpt and the character offsets of its slots: the few-shot block (the same
+    in every request), then the explanation and the excerpt with `slot` where each activation would be."""
+    parts = [INSTRUCTIONS + SIMULATOR_TASK + '\n']
+    for i, (expl, examples) in enumerate(FEW_SHOT):
+        parts.append(f"\nNeuron {i + 1}\nExplanation: {EXPLANATION_PREFIX} {expl}\nActivations:\n"
+                     + ''.join(listing([t for t, _ in ex], [v for _, v in ex]) for ex in examples))
+    head = ''.join(parts) + (f"\nNeuron {len(FEW_SHOT) + 1}\nExplanation: {EXPLANATION_PREFIX} {explanation}\n"
+                             f"Activations:\n<start>\n")
+    slots, body = [], head
+    for t in tokens:
+        body += show_token(t) + '\t'
+        slots.append(len(body))
+        body += slot + '\n'
+    return body + '<end>\n', slots
+
+
+def few_shot_slots():
+    """Offsets and values of the few-shot block's own activations in simulator_prompt (they tell how the server
+    tokenises '10')."""
+    prompt, _ = simulator_prompt('x', [])
+    out, pos = [], 0
+    for _, examples in FEW_SHOT:
+        for ex in examples:
+            for t, v in ex:
+                pos = prompt.index(show_token(t) + '\t', pos) + len(show_token(t)) + 1
+                out.append((pos, v))
+    return out
+
+
+def chat_simulator_messages(explanation, tokens, system_role=True):
+    turns = []
+    for expl, examples in FEW_SHOT:
+        ex = [p for e in examples for p in e]
+        turns += [{'role': 'user', 'content': chat_simulator_question(expl, [t for t, _ in ex])},
+                  {'role': 'assistant', 'content': json.dumps({'activations': [v for _, v in ex]})}]
+    turns.append({'role': 'user', 'content': chat_simulator_question(explanation, tokens)})
+    return with_instructions(INSTRUCTIONS + CHAT_SIMULATOR_TASK, turns, system_role)
+
+
+def chat_simulator_question(explanation, tokens):
+    numbered = '\n'.join(f"{i}: {json.dumps(t)}" for i, t in enumerate(tokens))
+    return (f"Explanation: {EXPLANATION_PREFIX} {explanation}.\n{len(tokens)} tokens:\n{numbered}\n"
+            f"Reply with {{\"activations\": [{len(tokens)} integers from 0 to 10]}}.")
 
 
 def activation_schema(n):
@@ -487,29 +577,109 @@ def parse_activations(text, n):
     return values if ok else None
 
 
+VALUES = {str(v) for v in range(11)}
+
+
+def digit_probs(alts):
+    """{value: probability} of the alternatives that read as a value 0-10 ('10' only where it is one token)."""
+    probs = {}
+    for tok, lp in alts.items():
+        s = tok.strip()
+        if s in VALUES:
+            probs[int(s)] = probs.get(int(s), 0.0) + math.exp(lp)
+    return probs
+
+
+
+
+def expected_value(probs, ten_given_one=0.0):
+    """E[value] over the digit alternatives, renormalised. Where the server writes 10 as '1' then '0', the mass of
+    '1' is 1 or 10: ten_given_one = P('0' next | '1') splits it (1 p + 9 p q adds the 10s)."""
+    total = sum(probs.values())
+    if not total:
+        return None
+    ev = sum(v * p for v, p in probs.items()) / total
+    return ev + 9 * probs.get(1, 0.0) / total * ten_given_one
+
+
+def ten_after_one(alts):
+    """P(the value goes on with '0' | it began with '1'), from the alternatives of the token after the '1': '0'
+    against an ending (newline, comma, bracket, space)."""
+    zero = sum(math.exp(lp) for t, lp in alts.items() if t.startswith('0'))
+    end = sum(math.exp(lp) for t, lp in alts.items() if not t.strip() or t.strip()[0] in ',]}\n')
+    return zero / (zero + end) if zero + end else 0.0
+
+
 def expected_from_logprobs(content, n):
-    """Each activation's expected value over the alternatives at its position that read as 0-10, renormalised;
-    None when the logprobs do not line up with n numbers. content: the answer's tokens with top_logprobs."""
+    """Each activation's expected value from a chat answer's tokens with top_logprobs, or None when they do not
+    line up with n numbers. A value's first token gives the digit distribution; where 10 is written as two tokens
+    and the answer wrote '1' then a digit, the next token's alternatives tell 10 from 1 (elsewhere '1' reads 1)."""
     if not content:
         return None
-    text, values, prev_digit = '', [], False
+    text, values, prev_digit, pending = '', [], False, None
     for tok in content:
-        piece = tok['token']
+        piece = tok.get('token') or ''
         inside = '[' in text
         digits = piece.strip(' ,[]\n')
+        alts = {a.get('token', ''): a.get('logprob') for a in (tok.get('top_logprobs') or [])
+                if isinstance(a.get('logprob'), (int, float)) and math.isfinite(a.get('logprob'))}
+        if pending is not None:       # the token after a value's first token '1'
+            probs = pending
+            q = ten_after_one(alts) if alts else float(piece.startswith('0'))
+            values[-1] = expected_value(probs, q if 10 not in probs else 0.0)
+            pending = None
         if inside and digits.isdigit() and not prev_digit:
-            probs = {}
-            for alt in tok.get('top_logprobs') or [{'token': piece, 'logprob': tok['logprob']}]:
-                s = alt['token'].strip(' ,[]\n')
-                if s.isdigit() and int(s) <= 10:
-                    probs[int(s)] = probs.get(int(s), 0.0) + math.exp(alt['logprob'])
-            total = sum(probs.values())
-            values.append(sum(k * p for k, p in probs.items()) / total if total else float(digits))
+            alts = alts or {piece: 0.0}
+            probs = digit_probs(alts)
+            if not probs:
+                probs = {int(digits): 1.0} if digits in VALUES else {}
+            values.append(expected_value(probs))
+            if digits == '1' and not piece.rstrip().endswith(','):
+                pending = probs
         prev_digit = inside and digits.isdigit() and not piece.rstrip().endswith(',')
         text += piece
         if inside and ']' in piece:
             break
-    return values if len(values) == n else None
+    return values if len(values) == n and all(v is not None for v in values) else None
+
+
+def prompt_tokens(choice, prompt):
+    """[(start offset, token text, {alternative: logprob})] of the prompt's tokens, from an echo (tokens,
+    top_logprobs, text_offset) or vLLM's prompt_logprobs; None when they cannot be aligned with the prompt."""
+    lp = choice.get('logprobs') or {}
+    if lp.get('tokens') and lp.get('top_logprobs') is not None:
+        toks, alts = lp['tokens'], lp['top_logprobs']
+        offsets = lp.get('text_offset') or []
+        if len(offsets) != len(toks):
+            offsets, pos = [], 0
+            for t in toks:
+                offsets.append(pos)
+                pos += len(t or '')
+        if not ''.join(t or '' for t in toks).startswith(prompt):
+            return None
+        return [(o, t or '', a or {}) for o, t, a in zip(offsets, toks, alts) if o < len(prompt)]
+    if choice.get('prompt_logprobs'):      # vLLM: per position {token_id: {logprob, rank, decoded_token}}, the
+        entries = [{v.get('decoded_token', ''): v.get('logprob') for v in e.values()}   # prompt's own token among
+                   for e in choice['prompt_logprobs'] if e is not None]                # them; the first has none
+        for start in range(len(prompt)):     # where the first token ends: the offset the rest aligns from
+            out, pos = [], start
+            for alts in entries:
+                match = max((t for t in alts if t and prompt.startswith(t, pos)), key=len, default=None)
+                if match is None:
+                    break
+                out.append((pos, match, alts))
+                pos += len(match)
+            if pos >= len(prompt):
+                return out
+        return None
+    raise InterpretError("the simulator server returned no prompt logprobs, which --simulator=all-at-once needs; "
+                         "use --simulator=chat or --simulator=tokens")
+
+
+def at_offsets(tokens, offsets):
+    """For each character offset, the (text, alternatives) of the prompt token that starts there, else None."""
+    by_start = {o: (t, a) for o, t, a in tokens}
+    return [by_start.get(o) for o in offsets]
 
 
 class LLM:
@@ -550,6 +720,10 @@ class LLM:
         self.fmt = 'json_schema'              # json_schema -> json_object -> text, as far as the server goes
         self.limit_param = 'max_tokens'       # or max_completion_tokens, when a server refuses max_tokens
         self.logprobs = True
+        self.system_role = {'explainer': True, 'simulator': True}   # False: its chat template rejects a system turn
+        self.ten_split = None                 # all-at-once: does the simulator write 10 as '1' then '0'?
+        self.probing = {'explainer': False, 'simulator': False}
+        self.probed = {'explainer': asyncio.Event(), 'simulator': asyncio.Event()}
 
     async def call(self, role, endpoint, attempt=0, **request):
         request['model'] = self.models[role]
@@ -581,37 +755,54 @@ class LLM:
         self.cache_file.flush()
         return response
 
-    async def chat(self, role, attempt=0, **request):
-        """A chat request, resent with max_completion_tokens if the server refuses max_tokens."""
+    async def chat(self, role, messages, attempt=0, **request):
+        """A chat request; messages(system_role) builds the turns. Resent with max_completion_tokens if the server
+        refuses max_tokens, and with the instructions in the first user turn if it refuses a system turn. A role's
+        first request goes alone, the others waiting for its answer: what it learns about the server, they use."""
+        if not self.probed[role].is_set():
+            if self.probing[role]:
+                await self.probed[role].wait()
+            else:
+                self.probing[role] = True
+                try:
+                    return await self.chat_once(role, messages, attempt, **request)
+                finally:
+                    self.probed[role].set()
+        return await self.chat_once(role, messages, attempt, **request)
+
+    async def chat_once(self, role, messages, attempt, **request):
         while True:
-            req, limit = dict(request), self.limit_param
+            req, limit, system = dict(request), self.limit_param, self.system_role[role]
             if limit != 'max_tokens' and 'max_tokens' in req:
                 req[limit] = req.pop('max_tokens')
             try:
-                return await self.call(role, 'chat', attempt, **req)
+                return await self.call(role, 'chat', attempt, messages=messages(system), **req)
             except self.openai.BadRequestError as e:
-                if 'max_tokens' in str(e) and limit == 'max_tokens':
+                text = str(e).lower()
+                if 'max_tokens' in text and limit == 'max_tokens':
                     self.limit_param = 'max_completion_tokens'
-                    continue
-                raise
+                elif 'system' in text and system:
+                    self.system_role[role] = False
+                elif (limit, system) == (self.limit_param, self.system_role[role]):
+                    raise
+                # else: another request changed a setting meanwhile; send again with it
 
     async def explain(self, expl, m, decode):
         for attempt in range(bad_answer_retries + 1):
-            r = await self.chat('explainer', attempt, messages=explainer_messages(expl, m, decode), max_tokens=60,
-                                temperature=explainer_temperature, seed=seed)
+            r = await self.chat('explainer', lambda system: explainer_messages(expl, m, decode, system), attempt,
+                                max_tokens=explainer_max_tokens, temperature=explainer_temperature, seed=seed)
             text = clean_explanation(r['choices'][0]['message'].get('content'))
             if text:
                 return text
         return None
 
     async def simulate_chat(self, explanation, toks, decode):
-        """(predictions, hard) for one excerpt, or None after bounded retries of bad answers."""
+        """(predictions, hard, slots without a digit) for one excerpt, or None after bounded retries of bad answers."""
         tokens = [decode([t]) for t in toks]
         for attempt in range(bad_answer_retries + 1):
             while True:
                 fmt, logprobs = self.fmt, self.logprobs     # as sent; other requests may downgrade meanwhile
-                req = {'messages': simulator_messages(explanation, tokens), 'max_tokens': 8 * len(tokens) + 40,
-                       'temperature': 0, 'seed': seed}
+                req = {'max_tokens': 8 * len(tokens) + 40, 'temperature': 0, 'seed': seed}
                 if fmt == 'json_schema':
                     req['response_format'] = activation_schema(len(tokens))
                 elif fmt == 'json_object':
@@ -619,7 +810,8 @@ class LLM:
                 if logprobs:
                     req.update(logprobs=True, top_logprobs=20)
                 try:
-                    r = await self.chat('simulator', attempt, **req)
+                    r = await self.chat('simulator', lambda system: chat_simulator_messages(explanation, tokens, system),
+                                        attempt, **req)
                     break
                 except self.openai.BadRequestError as e:
                     if (fmt, logprobs) != (self.fmt, self.logprobs):
@@ -636,56 +828,52 @@ class LLM:
             if values is None:
                 continue
             expected = expected_from_logprobs(((choice.get('logprobs') or {}).get('content')), len(tokens))
-            return (np.array(expected if expected is not None else values, dtype=np.float64), expected is None)
+            return np.array(expected if expected is not None else values, dtype=np.float64), expected is None, 0
         return None
 
-    async def simulate_all_at_once(self, explanation, scoring, decode):
-        """The paper's method: one prompt with every token as 'token<TAB>unknown'; at each 'unknown' the
-        prediction is the expected value over the top-k alternatives that read as 0-10, renormalised."""
+    async def prompt_logprobs(self, prompt, attempt):
         k = simulator_top_logprobs
-        prompt = (f"We are studying a neuron in a language model. It finds {explanation}. Below, each line is a token "
-                  f"and the neuron's activation on it, from 0 to 10.\n\n")
-        for toks, _ in scoring:
-            prompt += '<start>\n' + ''.join(f"{show_token(decode([t]))}\tunknown\n" for t in toks) + '<end>\n\n'
-        r = await self.call('simulator', 'completions', prompt=prompt, max_tokens=1, temperature=0, echo=True,
+        r = await self.call('simulator', 'completions', attempt, prompt=prompt, max_tokens=1, temperature=0, echo=True,
                             logprobs=k, extra_body={'prompt_logprobs': k})
-        choice = r['choices'][0]
-        slots = []   # (token text or None, {alternative: logprob}) of each prompt position
-        lp = choice.get('logprobs') or {}
-        if lp.get('tokens') and lp.get('top_logprobs'):          # echo=True, logprobs=k: the prompt's own tokens
-            slots = [(t, alts or {}) for t, alts in zip(lp['tokens'], lp['top_logprobs'])]
-        elif choice.get('prompt_logprobs'):                      # vLLM: {token_id: {logprob, rank, decoded_token}},
-            for pos in choice['prompt_logprobs']:                # the prompt's token among them
-                alts = {v['decoded_token']: v['logprob'] for v in (pos or {}).values()}
-                slots.append(('unknown' if any(a.strip() == 'unknown' for a in alts) else None, alts))
+        return prompt_tokens(r['choices'][0], prompt)
+
+    async def simulate_all_at_once(self, explanation, toks, decode):
+        """The paper's method, one prompt per excerpt: the few-shot block, the explanation, and every token as
+        'token<TAB>unknown'; at each slot (found by its offset in the prompt we built) the prediction is the
+        expected value over the top-k alternatives that read as 0-10. Where the server writes 10 as '1' then '0'
+        (told by the few-shot block's own 10s), a second prompt with '1' in the slots gives P('0' | '1') at each.
+        Returns (predictions, False, slots without a digit), NaN at those slots; None if the answer cannot be read."""
+        tokens = [decode([t]) for t in toks]
+        prompt, slots = simulator_prompt(explanation, tokens)
+        for attempt in range(bad_answer_retries + 1):
+            echoed = await self.prompt_logprobs(prompt, attempt)
+            if echoed is not None:
+                break
         else:
-            raise InterpretError(f"the simulator server at {self.urls['simulator']} returned no prompt logprobs, which "
-                                 f"--simulator=all-at-once needs; use --simulator=chat or --simulator=tokens")
-        preds = []
-        for text, alts in slots:
-            if text is not None and text.strip() == 'unknown':
-                probs = {int(a.strip()): math.exp(v) for a, v in alts.items() if a.strip().isdigit() and int(a.strip()) <= 10}
-                total = sum(probs.values())
-                preds.append(sum(a * p for a, p in probs.items()) / total if total else 0.0)
-        want = sum(len(t) for t, _ in scoring)
-        if len(preds) != want:
             return None
-        out, i = [], 0
-        for toks, _ in scoring:
-            out.append(np.array(preds[i:i + len(toks)]))
-            i += len(toks)
-        return out
+        if self.ten_split is None:
+            seen = [e[0].strip() for e in at_offsets(echoed, [o for o, v in few_shot_slots() if v == 10]) if e]
+            self.ten_split = None if not seen else seen[0] != '10'
+        probs = [digit_probs(e[1]) if e else {} for e in at_offsets(echoed, slots)]
+        q = [0.0] * len(slots)
+        if self.ten_split and any(p.get(1) for p in probs):
+            prompt1, slots1 = simulator_prompt(explanation, tokens, slot='1')
+            echoed1 = await self.prompt_logprobs(prompt1, 0)
+            if echoed1 is None:
+                return None
+            q = [ten_after_one(e[1]) if e else 0.0 for e in at_offsets(echoed1, [o + 1 for o in slots1])]
+        preds = np.array([expected_value(p, qi) if p else np.nan for p, qi in zip(probs, q)], dtype=np.float64)
+        return preds, False, int(np.isnan(preds).sum())
 
 
 async def simulate(llm, explanation, scoring, decode):
-    """Predictions for every scoring excerpt and whether any is 'hard' (integers, no logprobs); None = failed."""
-    if simulator == 'all-at-once':
-        preds = await llm.simulate_all_at_once(explanation, scoring, decode)
-        return (preds, False) if preds is not None else None
-    results = await asyncio.gather(*(llm.simulate_chat(explanation, toks, decode) for toks, _ in scoring))
+    """Predictions for every scoring excerpt (one request each), whether any is 'hard' (integers, no logprobs) and
+    how many slots had no digit among their alternatives (NaN there); None = failed."""
+    one = llm.simulate_all_at_once if simulator == 'all-at-once' else llm.simulate_chat
+    results = await asyncio.gather(*(one(explanation, toks, decode) for toks, _ in scoring))
     if any(r is None for r in results):
         return None
-    return [p for p, _ in results], any(h for _, h in results)
+    return [p for p, _, _ in results], any(h for _, h, _ in results), sum(n for _, _, n in results)
 
 
 # --- reports --------------------------------------------------------------------------------------------------
@@ -891,7 +1079,7 @@ def main():
     llm = None if simulator == 'tokens' else LLM(folder)
     run_key = hashlib.sha256(json.dumps([settings, simulator, explainer_model, simulator_model, base_url,
                                          simulator_base_url, explainer_temperature, simulator_top_logprobs, seed,
-                                         bad_answer_retries]).encode()).hexdigest()[:16]
+                                         bad_answer_retries, explainer_max_tokens, max_no_digit]).encode()).hexdigest()[:16]
     scores_path = os.path.join(folder, 'scores.jsonl')
     done = read_finished(scores_path, run_key) if resume else {}
     if not resume and os.path.exists(scores_path):
@@ -900,7 +1088,7 @@ def main():
     if done:
         print(f"resuming: {len(done)} neurons already scored, {len(todo)} to go")
     if dry_run:
-        print(estimate(todo, recs, protocols, decode))
+        print(estimate(todo, recs, protocols, decode, lambda text: len(enc.encode(text, disallowed_special=()))))
         return
     unfinished = asyncio.run(score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key))
     rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in METHODS[p]}
@@ -917,7 +1105,7 @@ def main():
                'settings': settings, 'unfinished': len(unfinished),
                'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},
                'methods': {m: {'layers': {str(l): v for l, v in s['layers'].items()}, 'model': s['model']}
-                           for m, s in ((m, summarize(v)) for m, v in per_method.items())}}
+                           for m, s in ((m, summarize(v, cfg.n_layer)) for m, v in per_method.items())}}
     with open(os.path.join(folder, 'neurons.jsonl'), 'w') as f:
         for r in rows:
             slim = {k: {kk: vv for kk, vv in v.items() if kk != 'show'} for k, v in r['scores'].items()}
@@ -979,11 +1167,12 @@ async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_k
     return unfinished
 
 
-def estimate(todo, recs, protocols, decode):
-    """What a run would ask of the servers: requests and about how many tokens (4 characters a token)."""
+def estimate(todo, recs, protocols, decode, count):
+    """What a run would ask of the servers: requests and tokens of the whole prompts as they would be sent, counted
+    with count(text) (GPT-2's tokenizer: the models' own will differ), completions at their caps."""
     if simulator == 'tokens':
         return f"--simulator=tokens makes no requests ({len(todo)} neurons to score)"
-    requests, chars, completion = 0, 0, 0
+    requests, prompt, completion = 0, 0, 0
     placeholder = 'a short phrase of about ten words describing what the neuron responds to'
     for l, n, _ in todo:
         for p in protocols:
@@ -992,19 +1181,21 @@ def estimate(todo, recs, protocols, decode):
             if not m > 0:
                 continue
             requests += 1
-            chars += sum(len(x['content']) for x in explainer_messages(expl, m, decode))
-            completion += 60
-            sets = [excerpts(recs[l], p, SETS[meth][2], n) for meth in METHODS[p]]
-            if simulator == 'all-at-once':
-                requests += len(sets)
-                chars += sum(200 + sum(12 * len(t) for t, _ in sc) for sc in sets)
-            else:   # one request per distinct excerpt; random_only's are a subset of top_and_random's
-                for toks, _ in sets[0]:
-                    requests += 1
-                    chars += sum(len(x['content']) for x in simulator_messages(placeholder, [decode([t]) for t in toks]))
-                    completion += 3 * len(toks) + 10
-    return (f"dry run: {len(todo)} neurons, about {requests:,} requests, {chars // 4:,} prompt tokens and up to "
-            f"{completion:,} completion tokens")
+            prompt += sum(count(x['content']) + 4 for x in explainer_messages(expl, m, decode))
+            completion += explainer_max_tokens
+            for toks, _ in excerpts(recs[l], p, SETS[METHODS[p][0]][2], n):   # random_only's are among these
+                tokens = [decode([t]) for t in toks]
+                requests += 1
+                if simulator == 'all-at-once':
+                    prompt += count(simulator_prompt(placeholder, tokens)[0])
+                    completion += 1
+                else:
+                    prompt += sum(count(x['content']) + 4 for x in chat_simulator_messages(placeholder, tokens))
+                    completion += 8 * len(tokens) + 40
+    twice = (' (all-at-once: up to twice the simulator requests where the server writes 10 as two tokens)'
+             if simulator == 'all-at-once' else '')
+    return (f"dry run: {len(todo)} neurons, about {requests:,} requests, {prompt:,} prompt tokens and up to "
+            f"{completion:,} completion tokens, counted in GPT-2 tokens{twice}")
 
 
 def benchmark(model, seqs, layer_ids, cols, dev, autocast, rounds=3):

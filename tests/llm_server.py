@@ -1,7 +1,9 @@
 """A small OpenAI-compatible server for the tests: /v1/chat/completions and /v1/completions on 127.0.0.1.
 
 It plays a deterministic explainer (the token with the largest total activation shown: 'the token "X"') and
-simulator (10 on that token, 0 elsewhere, with logprobs that match its text), and can be switched to faults."""
+simulator (10 on that token, 0 elsewhere, with logprobs that match its text), and can be switched to faults. It
+logs every prompt (self.prompts: (path, body)). With 'sentencepiece' it writes numbers digit by digit, as Llama's
+and Mistral's tokenizers do: 10 is '1' then '0'."""
 
 import json
 import re
@@ -19,6 +21,8 @@ def escape(text):
 class FakeLLM:
     def __init__(self):
         self.faults = set()        # 429_once 500 malformed_once wrong_count no_logprobs no_schema auth vllm
+        #                            sentencepiece no_system no_digit_some no_digit_many
+        self.prompts = []
         self.delay = 0.0
         self.requests = 0
         self.inflight = self.max_inflight = 0
@@ -78,6 +82,8 @@ class FakeLLM:
             return self.error(401, 'Incorrect API key provided', 'invalid_api_key')
         if body.get('model') not in MODELS:
             return self.error(404, f"The model `{body.get('model')}` does not exist", 'model_not_found')
+        with self.lock:
+            self.prompts.append((path, body))
         if '500' in self.faults:
             return self.error(500, 'internal error')
         if self.once('429_once'):
@@ -88,8 +94,15 @@ class FakeLLM:
             return self.completion(body)
         return self.error(404, 'no such endpoint')
 
+    def number(self, v):
+        """A value's tokens: '10' is two tokens under 'sentencepiece'."""
+        return list(v) if 'sentencepiece' in self.faults else [v]
+
     def chat(self, body):
         messages = body['messages']
+        if 'no_system' in self.faults and any(m['role'] == 'system' for m in messages):
+            return self.error(400, "Conversation roles must alternate user/assistant/user/assistant/... "
+                                   "(system role not supported by this template)")
         user = messages[-1]['content']
         fmt = (body.get('response_format') or {}).get('type')
         if fmt == 'json_schema' and 'no_schema' in self.faults:
@@ -102,34 +115,65 @@ class FakeLLM:
                 totals[tok] = totals.get(tok, 0) + int(v)
             best = max(totals, key=lambda t: (totals[t], t))
             return 200, self.completion_body('chat', f'the token "{best}".', None)
-        target = re.search(r'Neuron: finds the token "(.*)"\.\n', user).group(1)
+        target = re.search(r'^Explanation: the main thing this neuron does is find the token "(.*)"\.\n', user, re.M).group(1)
         tokens = [json.loads(m) for m in re.findall(r'^\d+: (".*")$', user, flags=re.M)]
         values = [10 if escape(t) == target else 0 for t in tokens]
         if 'wrong_count' in self.faults:
             values.append(0)
         if self.once('malformed_once'):
             return 200, self.completion_body('chat', '{"activations": [1, 2', None)
-        pieces = ['{"activations": ['] + [p for i, v in enumerate(values) for p in ([str(v)] + ([', '] if i < len(values) - 1 else []))] + [']}']
+        pieces, alts = ['{"activations": ['], [[]]
+        for i, v in enumerate(values):
+            digits = self.number(str(v))
+            pieces += digits
+            alts += [[{'token': digits[0], 'logprob': -0.01, 'bytes': None}, {'token': 'x', 'logprob': -6.0, 'bytes': None}]]
+            if len(digits) == 2:   # after the '1' of a 10: '0' far more likely than an ending
+                alts += [[{'token': '0', 'logprob': -0.01, 'bytes': None}, {'token': ',', 'logprob': -6.0, 'bytes': None}]]
+            if i < len(values) - 1:
+                pieces.append(', ')
+                alts.append([])
+        pieces.append(']}')
+        alts.append([])
         logprobs = None
         if body.get('logprobs') and 'no_logprobs' not in self.faults:
-            logprobs = {'content': [{'token': p, 'logprob': 0.0, 'bytes': None, 'top_logprobs': (
-                [{'token': p, 'logprob': -0.01, 'bytes': None}, {'token': 'x', 'logprob': -6.0, 'bytes': None}]
-                if p.isdigit() else [])} for p in pieces]}
+            logprobs = {'content': [{'token': p, 'logprob': 0.0, 'bytes': None, 'top_logprobs': a}
+                                    for p, a in zip(pieces, alts)]}
         return 200, self.completion_body('chat', ''.join(pieces), logprobs)
 
     def completion(self, body):
+        """Echo the prompt's tokens: each activation line is token, tab, value tokens, newline. After the last
+        explanation (the neuron under test), a slot predicts 10 on the target token and 0 elsewhere; a '1' in a
+        slot is followed by '0' on the target (10) and by the newline elsewhere."""
         prompt = body['prompt']
-        target = re.search(r'It finds the token "(.*)"\.', prompt).group(1)
-        pieces, alts = [], []
-        for line in prompt.split('\n'):
-            if line.endswith('\tunknown'):
-                tok = line[:-len('\tunknown')]
-                pieces += [tok, '\t', 'unknown', '\n']
-                hit = '10' if tok == target else '0'
-                alts += [{}, {}, {hit: -0.01, 'unknown': -3.0, 'n': -4.0}, {}]
-            else:
-                pieces += [line, '\n']
-                alts += [{}, {}]
+        target = re.findall(r'^Explanation: the main thing this neuron does is find the token "(.*)"$', prompt, re.M)[-1]
+        test_part = prompt.rindex('Explanation: ')
+        pieces, alts, pos, slot = [], [], 0, 0
+        lines = prompt.split('\n')
+        for n, line in enumerate(lines):
+            newline = ['\n'] if n < len(lines) - 1 else []
+            if '\t' not in line:
+                pieces += ([line] if line else []) + newline           # no empty tokens, as no tokenizer has them
+                alts += ([{}] if line else []) + [{}] * len(newline)
+                pos += len(line) + len(newline)
+                continue
+            tok, val = line.rsplit('\t', 1)
+            value = self.number(val) if val != 'unknown' else ['unknown']
+            pieces += [tok, '\t'] + value + newline
+            alt = [{}, {}] + [{}] * len(value) + [{}] * len(newline)
+            if pos > test_part:
+                hit = tok == target
+                if val == 'unknown':
+                    top = self.number('10')[0] if hit else '0'
+                    alt[2] = {top: -0.01, 'unknown': -3.0, 'n': -4.0}
+                    if ('no_digit_some' in self.faults and slot == 0) or ('no_digit_many' in self.faults and slot % 2):
+                        alt[2] = {'unknown': -0.1, 'n': -2.3, 'x': -4.0}
+                    slot += 1
+                elif val == '1' and len(alt) > 3:          # the token after a '1': '0' (it is 10) or the newline
+                    alt[3] = {'0': -0.01, '\n': -5.0} if hit else {'\n': -0.01, '0': -6.0}
+            alts += alt
+            pos += len(line) + len(newline)
+            if pos <= test_part:
+                slot = 0
         if 'no_logprobs' in self.faults:
             choice = {'text': '', 'index': 0, 'finish_reason': 'length', 'logprobs': None}
         elif 'vllm' in self.faults:

@@ -168,11 +168,18 @@ def test_quantize_and_pooled_pearson():
     assert I.pearson([1, 1, 1], [1, 2, 3]) is None and I.pearson([1, 2, 3], [0, 0, 0]) is None
     s = I.summarize({0: [{'dead': False, 'score': 0.5}, {'dead': False, 'score': 0.1, 'hard': True},
                          {'dead': False, 'score': None, 'failed': True}, {'dead': True, 'score': None}],
-                     1: [{'dead': False, 'score': 0.2}]})
+                     1: [{'dead': False, 'score': 0.2, 'no_digit': 3}]}, n_layer=2)
     assert s['layers'][0] == {'mean': pytest.approx(30.0), 'std': pytest.approx(20.0), 'scored': 2, 'undefined': 1,
-                              'dead': 1, 'failed': 1, 'hard': 1}
+                              'dead': 1, 'failed': 1, 'hard': 1, 'no_digit_slots': 0}
+    assert s['layers'][1]['no_digit_slots'] == 3
     assert s['model']['mean'] == pytest.approx(25.0) and s['model']['var'] == pytest.approx(25.0)
     assert s['model']['mean_excl_last'] == pytest.approx(30.0)
+
+
+def test_excl_last_leaves_out_the_models_last_layer_only():
+    six = {l: [{'dead': False, 'score': 0.1 * (l + 1)}] for l in range(5)}        # a 6L model, layers 0-4 evaluated
+    assert I.summarize(six, n_layer=6)['model']['mean_excl_last'] == pytest.approx(30.0)   # all five layers
+    assert I.summarize(six, n_layer=5)['model']['mean_excl_last'] == pytest.approx(25.0)   # layer 4 is the last
 
 
 def test_compare_two_runs(val_dir, tmp_path):
@@ -212,3 +219,18 @@ def test_errors(val_dir, tmp_path):
     assert p.returncode == 2 and 'val.bin not found' in p.stderr
     p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', '--layers=3', check=False)
     assert p.returncode == 2 and 'the model has layers 0..0' in p.stderr
+
+
+def test_a_band_of_zeros_draws_from_the_whole_stream(val_dir, tmp_path):
+    """The planted neuron is 0 on 63 of 64 tokens, so every band below the top twelfth is a band of ties: its
+    items must come from all over the stream (ranked in stream order, each band held one twelfth of it)."""
+    save(planted_model(), tmp_path / 'm', 3.0)
+    run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', f'--neurons={PLANT},', *ARGS,
+        '--protocol=anthropic')
+    rec = np.load(tmp_path / 'm' / 'interp' / 'records_L0.npz')
+    P = 40 * 32
+    bands = rec['anthropic_pos'][0, I.TOP + I.RAND:].reshape(I.BANDS, I.BAND_ITEMS)
+    assert (rec['anthropic_acts'][0, I.TOP + I.RAND:, I.WINDOW['anthropic'][0]] == 0).all()   # all ties
+    for band in bands:
+        assert band.max() - band.min() > 0.6 * P, band
+

@@ -42,7 +42,9 @@ def neurons(out):
         return {r['neuron']: r['scores'] for r in map(json.loads, f)}
 
 
-@pytest.mark.parametrize('simulator, fault', [('chat', None), ('all-at-once', None), ('all-at-once', 'vllm')])
+@pytest.mark.parametrize('simulator, fault', [('chat', None), ('all-at-once', None), ('all-at-once', 'vllm'),
+                                              ('chat', 'sentencepiece'), ('all-at-once', 'sentencepiece'),
+                                              ('chat', 'no_system')])
 def test_planted_neuron_scores_one_through_an_llm(ckpt, server, tmp_path, simulator, fault):
     server.faults = {fault} if fault else set()
     p = interpret(ckpt, server, tmp_path, LIVE, f'--simulator={simulator}')
@@ -54,7 +56,9 @@ def test_planted_neuron_scores_one_through_an_llm(ckpt, server, tmp_path, simula
         assert planted[method]['hard'] is False
     assert all(rows[DEAD][m]['dead'] for m in rows[DEAD])
     first = server.requests
-    assert first > 0 and f'LLM: {first} requests' in p.stdout
+    refused = sum(1 for _, b in server.prompts if 'no_system' in server.faults and b['messages'][0]['role'] == 'system')
+    assert refused == (2 if fault == 'no_system' else 0)   # one probe per role, the rest waited for its answer
+    assert first > 0 and f'LLM: {first - refused} requests' in p.stdout
     p = interpret(ckpt, server, tmp_path, LIVE, f'--simulator={simulator}')     # again: everything from the cache
     assert server.requests == first and 'LLM: 0 requests' in p.stdout and neurons(tmp_path) == rows
 
@@ -163,3 +167,108 @@ def test_slow_server_times_out_and_a_rerun_finishes(ckpt, server, tmp_path):
     server.delay = 0.0
     interpret(ckpt, server, tmp_path, '--neurons=5,9', '--protocol=openai', '--simulator=chat')
     assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_prompts_have_the_papers_structure(ckpt, server, tmp_path):
+    """One excerpt per simulator prompt, after a few-shot block that is the same in every request (first, so a
+    server's prefix cache can keep it); the explainer sees few-shot explanations, at temperature 1 and 60 tokens."""
+    import interpret as I
+    interpret(ckpt, server, tmp_path / 'a', LIVE, '--simulator=all-at-once', '--protocol=openai')
+    prompts = [b['prompt'] for _, b in server.prompts if 'prompt' in b]
+    head = prompts[0][:prompts[0].index(f'\nNeuron {len(I.FEW_SHOT) + 1}\n')]
+    assert all(p.startswith(head) for p in prompts) and all(e in head for e, _ in I.FEW_SHOT)
+    assert len(prompts) == 3 * 10                         # 3 live neurons x 10 scoring excerpts, one request each
+    for p in prompts:
+        test = p[len(head):]
+        assert test.count('<start>') == 1 and 'Explanation: the main thing this neuron does is find the token' in test
+        assert 1 <= test.count('\tunknown\n') <= 64 and test.endswith('<end>\n')
+    chats = [b for _, b in server.prompts if 'messages' in b]
+    explainer = [b for b in chats if 'Complete the sentence' in b['messages'][-1]['content']]
+    assert all(b['temperature'] == 1.0 and b['max_tokens'] == 60 for b in explainer)
+    assert all(len(b['messages']) == 2 + 2 * len(I.FEW_SHOT) for b in explainer)     # system, few-shot pairs, ask
+    server.prompts.clear()
+    interpret(ckpt, server, tmp_path / 'c', LIVE, '--simulator=chat', '--protocol=openai')
+    sims = [b['messages'] for p, b in server.prompts if 'Complete the sentence' not in b['messages'][-1]['content']]
+    assert len(sims) == 30 and all(m[:-1] == sims[0][:-1] for m in sims)              # the same few-shot turns
+    assert all(m[-1]['content'].count('tokens:') == 1 for m in sims)
+
+
+def test_a_template_without_a_system_role_gets_the_instructions_in_the_first_turn(ckpt, server, tmp_path):
+    import interpret as I
+    server.faults = {'no_system'}
+    interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai')
+    assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
+    sent = [b['messages'] for _, b in server.prompts]
+    with_system = [m for m in sent if m[0]['role'] == 'system']
+    assert len(with_system) == 2                           # the first request of each role, then never again
+    assert all(m[0]['role'] == 'user' and m[0]['content'].startswith(I.INSTRUCTIONS) for m in sent if m not in with_system)
+
+
+@pytest.mark.parametrize('fault', ['no_digit_some', 'no_digit_many'])
+def test_a_slot_without_a_digit_is_counted_not_read_as_zero(ckpt, server, tmp_path, fault):
+    server.faults = {fault}
+    interpret(ckpt, server, tmp_path, LIVE, '--simulator=all-at-once', '--protocol=openai')
+    planted = neurons(tmp_path)[PLANT]['top_and_random']
+    layer = json.load(open(tmp_path / 'summary.json'))['methods']['top_and_random']['layers']['0']
+    if fault == 'no_digit_some':                           # the first slot of each of the 10 excerpts
+        assert planted['score'] == pytest.approx(1.0, abs=1e-6) and planted['no_digit'] == 10
+        assert layer['no_digit_slots'] >= 10 and layer['failed'] == 0
+    else:                                                  # every other slot: over --max_no_digit
+        assert planted['failed'] and planted['score'] is None and planted['failure'].startswith('no digit among the top-k')
+        assert layer['failed'] >= 1
+
+
+def sentencepiece_answer(values):
+    """A chat answer's logprobs as a SentencePiece tokenizer gives them: '10' is '1' then '0'."""
+    s = FakeLLM.__new__(FakeLLM)
+    s.faults = {'sentencepiece'}
+    pieces, content = ['{"activations": ['], []
+    for i, v in enumerate(values):
+        digits = s.number(str(v))
+        content.append({'token': digits[0], 'logprob': 0.0, 'top_logprobs': [{'token': digits[0], 'logprob': -0.05},
+                                                                            {'token': '2', 'logprob': -3.0}]})
+        if len(digits) == 2:
+            content.append({'token': '0', 'logprob': 0.0, 'top_logprobs': [{'token': '0', 'logprob': -0.01},
+                                                                          {'token': ',', 'logprob': -5.0}]})
+        if i < len(values) - 1:
+            content.append({'token': ', ', 'logprob': 0.0, 'top_logprobs': []})
+    return [{'token': '{"activations": [', 'logprob': 0.0, 'top_logprobs': []}] + content + \
+        [{'token': ']}', 'logprob': 0.0, 'top_logprobs': []}]
+
+
+def test_ten_as_two_tokens_reads_as_ten():
+    import interpret as I
+    got = I.expected_from_logprobs(sentencepiece_answer([10, 0, 5]), 3)
+    assert got[0] == pytest.approx(10, abs=0.5) and got[1] == pytest.approx(0.1, abs=0.2) and got[2] == pytest.approx(5, abs=0.2)
+    assert got[0] > got[2] > got[1]                        # monotone (it read 0.95, 0.05, 4.9)
+    one = I.expected_from_logprobs(sentencepiece_answer([1]), 1)[0]
+    assert one == pytest.approx(1, abs=0.1)                # '1' then the end: 1, not 10
+
+
+def test_all_at_once_reads_ten_whichever_way_the_server_writes_it(server, monkeypatch):
+    import asyncio
+    import interpret as I
+    for k, v in dict(base_url=server.url, explainer_model='fake-explainer', simulator_model='fake-simulator',
+                     api_key='x').items():
+        monkeypatch.setattr(I, k, v)
+    decode = lambda ids: ids[0]                            # the tokens are already text here
+    toks = ['a', '(', 'unknown', '\t', 'b', '(']            # the word unknown and a tab are tokens, not slots
+    for fault, requests in ((set(), 1), ({'sentencepiece'}, 2)):
+        server.faults, server.requests = fault, 0
+        llm = I.LLM(str(server_dir(monkeypatch)))
+        preds, hard, no_digit = asyncio.run(llm.simulate_all_at_once('the token "("', toks, decode))
+        assert preds.tolist() == pytest.approx([0, 10, 0, 0, 0, 10], abs=0.1) and no_digit == 0 and not hard
+        assert llm.ten_split is bool(fault) and server.requests == requests        # a '1'-filled prompt for the 10s
+
+
+def server_dir(monkeypatch):
+    import tempfile
+    return tempfile.mkdtemp()
+
+
+def test_clean_explanation_strips_a_pair_of_quotes_only():
+    import interpret as I
+    assert I.clean_explanation('the word "the"') == 'the word "the"'
+    assert I.clean_explanation('"names of flowers".') == 'names of flowers'
+    assert I.clean_explanation('the main thing this neuron does is find "x" and "y"') == '"x" and "y"'
+    assert I.clean_explanation('find dates\nmore') == 'dates' and len(I.clean_explanation('a' * 5000)) == 300
