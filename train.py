@@ -653,5 +653,6 @@ if ddp:
     dist.barrier()                  # rank 0 may still be writing the last checkpoint: tear down together
     model = None                    # DDP's reducer holds gloo work: release it before its process group
     dist.destroy_process_group()
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)                     # gloo threads freeing tensors during interpreter shutdown can abort (SIGABRT)
