@@ -414,7 +414,8 @@ def summarize(per_layer_scores, n_layer):
         scored = [s['score'] for s in items if not s['dead'] and s['score'] is not None]
         layers_out[l] = {'mean': 100 * float(np.mean(scored)) if scored else None,
                          'std': 100 * float(np.std(scored)) if scored else None,
-                         'scored': len(scored), 'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None),
+                         'scored': len(scored),   # undefined: a constant side; failed: no usable answer
+                         'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None and not s.get('failed')),
                          'dead': sum(1 for s in items if s['dead']), 'failed': sum(1 for s in items if s.get('failed')),
                          'hard': sum(1 for s in items if s.get('hard')),
                          'no_digit_slots': sum(s.get('no_digit', 0) for s in items)}
@@ -562,16 +563,21 @@ def activation_schema(n):
 
 
 def parse_activations(text, n):
-    """The n integers 0-10 of an answer, from its JSON object or, failing that, from the integers in the text."""
+    """The n integers 0-10 of an answer: its JSON object's "activations", else a bracketed list [v, v, ...]. Other
+    integers in the text (an echo of the numbered listing, say) are not an answer."""
+    if not isinstance(text, str):
+        return None
     values = None
-    start, end = (text or '').find('{'), (text or '').rfind('}')
+    start, end = text.find('{'), text.rfind('}')
     if start >= 0 and end > start:
         try:
-            values = json.loads(text[start:end + 1]).get('activations')
-        except (json.JSONDecodeError, AttributeError):
+            obj = json.loads(text[start:end + 1])
+            values = obj.get('activations') if isinstance(obj, dict) else None
+        except json.JSONDecodeError:
             values = None
     if values is None:
-        values = [int(x) for x in re.findall(r'-?\d+', (text or '').split('activations')[-1])]
+        bracket = re.search(r'\[([\d\s,]*)\]', text)
+        values = [int(x) for x in bracket.group(1).replace(',', ' ').split()] if bracket else None
     ok = (isinstance(values, list) and len(values) == n
           and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10 for v in values))
     return values if ok else None
@@ -618,11 +624,11 @@ def expected_from_logprobs(content, n):
         return None
     text, values, prev_digit, pending = '', [], False, None
     for tok in content:
-        piece = tok.get('token') or ''
+        tok = tok if isinstance(tok, dict) else {}
+        piece = tok.get('token') if isinstance(tok.get('token'), str) else ''
         inside = '[' in text
         digits = piece.strip(' ,[]\n')
-        alts = {a.get('token', ''): a.get('logprob') for a in (tok.get('top_logprobs') or [])
-                if isinstance(a.get('logprob'), (int, float)) and math.isfinite(a.get('logprob'))}
+        alts = valid_alternatives(tok.get('top_logprobs') or [])
         if pending is not None:       # the token after a value's first token '1'
             probs = pending
             q = ten_after_one(alts) if alts else float(piece.startswith('0'))
@@ -657,10 +663,10 @@ def prompt_tokens(choice, prompt):
                 pos += len(t or '')
         if not ''.join(t or '' for t in toks).startswith(prompt):
             return None
-        return [(o, t or '', a or {}) for o, t, a in zip(offsets, toks, alts) if o < len(prompt)]
+        return [(o, t or '', valid_alternatives(a)) for o, t, a in zip(offsets, toks, alts) if o < len(prompt)]
     if choice.get('prompt_logprobs'):      # vLLM: per position {token_id: {logprob, rank, decoded_token}}, the
-        entries = [{v.get('decoded_token', ''): v.get('logprob') for v in e.values()}   # prompt's own token among
-                   for e in choice['prompt_logprobs'] if e is not None]                # them; the first has none
+        entries = [valid_alternatives({v.get('decoded_token'): v.get('logprob') for v in e.values()})  # the prompt's
+                   for e in choice['prompt_logprobs'] if e is not None]                    # own token among them
         for start in range(len(prompt)):     # where the first token ends: the offset the rest aligns from
             out, pos = [], start
             for alts in entries:
@@ -682,9 +688,26 @@ def at_offsets(tokens, offsets):
     return [by_start.get(o) for o in offsets]
 
 
+class BadAnswer(Exception):
+    """An answer that cannot be used (malformed, inconsistent, refused for this request only): it fails that
+    request, after bounded retries the neuron, never the run, and it is not cached."""
+
+
+def valid_alternatives(alts):
+    """{token: logprob} of an answer's alternatives that are what logprobs must be: a string and a finite
+    number <= 0 (anything else, a server's NaN, 1e308 or a string, is dropped)."""
+    if isinstance(alts, list):
+        alts = {a.get('token'): a.get('logprob') for a in alts if isinstance(a, dict)}
+    if not isinstance(alts, dict):
+        return {}
+    return {t: float(lp) for t, lp in alts.items() if isinstance(t, str) and isinstance(lp, (int, float))
+            and not isinstance(lp, bool) and math.isfinite(lp) and lp <= 1e-6}
+
+
 class LLM:
-    """The two LLM roles, with a cache of every request in llm_cache.jsonl (re-runs make no requests), a
-    semaphore bounding the requests in flight, and the fallbacks servers need."""
+    """The two LLM roles, with a cache of every usable answer in llm_cache.jsonl (re-runs make no requests), a
+    bound on the requests in flight that halves when requests time out, and the fallbacks servers need, learned
+    from each role's first request, which goes alone."""
 
     def __init__(self, folder):
         import openai
@@ -693,15 +716,18 @@ class LLM:
         self.cache = {}
         if os.path.exists(self.cache_path):
             with open(self.cache_path) as f:
-                lines = f.read().split('\n')
-            for i, line in enumerate(lines):
+                text = f.read()
+            for i, line in enumerate(text.split('\n')):
                 if not line.strip():
                     continue
                 try:
                     item = json.loads(line)
                     self.cache[item['key']] = item['response']
-                except (json.JSONDecodeError, KeyError):
+                except (json.JSONDecodeError, KeyError, TypeError):
                     print(f"warning: skipping a torn line {i + 1} of {self.cache_path}", file=sys.stderr)
+            if text and not text.endswith('\n'):        # a torn last line: the next record starts on its own line
+                with open(self.cache_path, 'a') as f:
+                    f.write('\n')
         self.cache_file = open(self.cache_path, 'a')
         url = base_url or os.environ.get('OPENAI_BASE_URL', '')
         key = api_key or os.environ.get('OPENAI_API_KEY', '') or 'none'
@@ -715,7 +741,7 @@ class LLM:
                 raise InterpretError(f"name the {role} model with --explainer_model (and --simulator_model if it differs)")
         self.clients = {role: openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=max_retries, timeout=timeout)
                         for role, u in self.urls.items()}
-        self.semaphore = asyncio.Semaphore(concurrency)
+        self.limit, self.active, self.slots = concurrency, 0, asyncio.Condition()
         self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
         self.fmt = 'json_schema'              # json_schema -> json_object -> text, as far as the server goes
         self.limit_param = 'max_tokens'       # or max_completion_tokens, when a server refuses max_tokens
@@ -725,117 +751,179 @@ class LLM:
         self.probing = {'explainer': False, 'simulator': False}
         self.probed = {'explainer': asyncio.Event(), 'simulator': asyncio.Event()}
 
-    async def call(self, role, endpoint, attempt=0, **request):
+    async def slot(self):
+        async with self.slots:
+            await self.slots.wait_for(lambda: self.active < self.limit)
+            self.active += 1
+
+    async def release(self):
+        async with self.slots:
+            self.active -= 1
+            self.slots.notify_all()
+
+    async def call(self, role, endpoint, attempt, check, **request):
+        """check(response) -> what the caller needs, or BadAnswer. Only an answer that passed is cached."""
         request['model'] = self.models[role]
         key = hashlib.sha256(json.dumps([self.urls[role], endpoint, request, attempt], sort_keys=True).encode()).hexdigest()
         if key in self.cache:
-            self.cached += 1
-            return self.cache[key]
+            try:
+                value = check(self.cache[key])
+                self.cached += 1
+                return value
+            except BadAnswer:
+                del self.cache[key]                     # an older run's answer that no longer passes: ask again
         api = self.clients[role].chat.completions if endpoint == 'chat' else self.clients[role].completions
         extra = request.pop('extra_body', None)
-        async with self.semaphore:
+        for tries in range(2):
+            await self.slot()
             try:
                 response = (await api.create(**request, **({'extra_body': extra} if extra else {}))).model_dump()
+                break
             except self.openai.APITimeoutError:
-                raise                                   # slow, not unreachable: the neuron is left for a re-run
+                if self.limit > 1:                      # queued at a server that works one request at a time?
+                    self.limit = max(1, self.limit // 2)
+                    print(f"warning: requests to the {role} server time out; {self.limit} in flight from now on "
+                          f"(a local server: --concurrency=1 or a longer --timeout)", file=sys.stderr)
+                if tries:
+                    raise                               # slow, not unreachable: the neuron is left for a re-run
             except self.openai.APIConnectionError:
                 raise InterpretError(f"cannot reach the {role} server at {self.urls[role]}; start it or fix --base_url")
             except self.openai.AuthenticationError:
                 raise InterpretError(f"the {role} server at {self.urls[role]} refused the API key; set --api_key or OPENAI_API_KEY")
             except self.openai.NotFoundError:
                 raise InterpretError(f"model {self.models[role]!r} not found at {self.urls[role]}; check --{role}_model")
+            except self.openai.APIStatusError:
+                raise                                   # the caller decides: a feature, this request, or the server
+            except (self.openai.APIError, ValueError, TypeError, AttributeError) as e:
+                raise BadAnswer(f"unreadable answer ({type(e).__name__})")   # not JSON, or not the protocol's shape
+            finally:
+                await self.release()
         if extra:
             request['extra_body'] = extra
         self.requests += 1
-        usage = response.get('usage') or {}
+        usage = response.get('usage') if isinstance(response.get('usage'), dict) else {}
         self.prompt_tokens += usage.get('prompt_tokens') or 0
         self.completion_tokens += usage.get('completion_tokens') or 0
+        value = check(response)
         self.cache[key] = response
         self.cache_file.write(json.dumps({'key': key, 'response': response}) + '\n')
         self.cache_file.flush()
-        return response
+        return value
 
-    async def chat(self, role, messages, attempt=0, **request):
-        """A chat request; messages(system_role) builds the turns. Resent with max_completion_tokens if the server
-        refuses max_tokens, and with the instructions in the first user turn if it refuses a system turn. A role's
-        first request goes alone, the others waiting for its answer: what it learns about the server, they use."""
+    async def chat(self, role, messages, check, attempt=0, schema=None, **request):
+        """A chat request; messages(system_role) builds the turns; schema=n asks for n activations in the
+        best format the server takes. A role's first request goes alone, the others waiting for it: what it
+        learns about the server (max_tokens, a system turn, response formats, logprobs) they use."""
         if not self.probed[role].is_set():
             if self.probing[role]:
                 await self.probed[role].wait()
             else:
                 self.probing[role] = True
                 try:
-                    return await self.chat_once(role, messages, attempt, **request)
+                    return await self.chat_once(role, messages, check, attempt, schema, True, request)
                 finally:
                     self.probed[role].set()
-        return await self.chat_once(role, messages, attempt, **request)
+        return await self.chat_once(role, messages, check, attempt, schema, False, request)
 
-    async def chat_once(self, role, messages, attempt, **request):
+    async def chat_once(self, role, messages, check, attempt, schema, probe, request):
         while True:
-            req, limit, system = dict(request), self.limit_param, self.system_role[role]
+            req, limit, system, fmt, logprobs = dict(request), self.limit_param, self.system_role[role], self.fmt, self.logprobs
             if limit != 'max_tokens' and 'max_tokens' in req:
                 req[limit] = req.pop('max_tokens')
+            if schema is not None:
+                if fmt != 'text':
+                    req['response_format'] = activation_schema(schema) if fmt == 'json_schema' else {'type': 'json_object'}
+                if logprobs:
+                    req.update(logprobs=True, top_logprobs=20)
             try:
-                return await self.call(role, 'chat', attempt, messages=messages(system), **req)
-            except self.openai.BadRequestError as e:
+                return await self.call(role, 'chat', attempt, check, messages=messages(system), **req)
+            except (self.openai.BadRequestError, self.openai.InternalServerError) as e:
                 text = str(e).lower()
-                if 'max_tokens' in text and limit == 'max_tokens':
+                if (limit, system, fmt, logprobs) != (self.limit_param, self.system_role[role], self.fmt, self.logprobs):
+                    continue                            # another request changed a setting meanwhile: send again
+                refused = isinstance(e, self.openai.BadRequestError)
+                if refused and 'max_tokens' in text and limit == 'max_tokens':
                     self.limit_param = 'max_completion_tokens'
-                elif 'system' in text and system:
+                elif refused and 'system' in text and system:
                     self.system_role[role] = False
-                elif (limit, system) == (self.limit_param, self.system_role[role]):
-                    raise
-                # else: another request changed a setting meanwhile; send again with it
+                elif refused and 'logprob' in text and schema is not None and logprobs:
+                    self.logprobs = False
+                elif schema is not None and fmt != 'text' and (not refused and probe or refused and any(
+                        w in text for w in ('response_format', 'schema', 'json', 'grammar'))):
+                    # llama.cpp's server answers json_schema with a 500: on the probe a 500 is the format's; a 400
+                    # is the format's only where it names it (a prompt too long for the context is this one's)
+                    self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[fmt]
+                elif refused:
+                    raise BadAnswer(f"the server refused this request ({str(e)[:120]})")   # e.g. too long: this one only
+                else:
+                    raise                               # a server error: the neuron is left for a re-run
 
     async def explain(self, expl, m, decode):
+        """One explanation; a malformed or empty answer is asked again with another seed."""
+        def check(r):
+            try:
+                text = clean_explanation(r['choices'][0]['message'].get('content'))
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise BadAnswer('no message in the answer')
+            if not text:
+                raise BadAnswer('an empty explanation')
+            return text
         for attempt in range(bad_answer_retries + 1):
-            r = await self.chat('explainer', lambda system: explainer_messages(expl, m, decode, system), attempt,
-                                max_tokens=explainer_max_tokens, temperature=explainer_temperature, seed=seed)
-            text = clean_explanation(r['choices'][0]['message'].get('content'))
-            if text:
-                return text
+            try:
+                return await self.chat('explainer', lambda system: explainer_messages(expl, m, decode, system), check,
+                                       attempt, max_tokens=explainer_max_tokens, temperature=explainer_temperature,
+                                       seed=seed + attempt)
+            except BadAnswer:
+                continue
         return None
 
     async def simulate_chat(self, explanation, toks, decode):
-        """(predictions, hard, slots without a digit) for one excerpt, or None after bounded retries of bad answers."""
+        """(predictions, hard, slots without a digit) for one excerpt, or None after bounded retries of bad answers
+        (retries at temperature 1 with another seed: a deterministic server would repeat its answer)."""
         tokens = [decode([t]) for t in toks]
-        for attempt in range(bad_answer_retries + 1):
-            while True:
-                fmt, logprobs = self.fmt, self.logprobs     # as sent; other requests may downgrade meanwhile
-                req = {'max_tokens': 8 * len(tokens) + 40, 'temperature': 0, 'seed': seed}
-                if fmt == 'json_schema':
-                    req['response_format'] = activation_schema(len(tokens))
-                elif fmt == 'json_object':
-                    req['response_format'] = {'type': 'json_object'}
-                if logprobs:
-                    req.update(logprobs=True, top_logprobs=20)
-                try:
-                    r = await self.chat('simulator', lambda system: chat_simulator_messages(explanation, tokens, system),
-                                        attempt, **req)
-                    break
-                except self.openai.BadRequestError as e:
-                    if (fmt, logprobs) != (self.fmt, self.logprobs):
-                        continue                                # already downgraded by another request
-                    if logprobs and 'logprob' in str(e).lower():
-                        self.logprobs = False
-                    elif fmt != 'text':
-                        self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[fmt]
-                    else:
-                        raise InterpretError(f"the simulator server at {self.urls['simulator']} rejects every chat "
-                                             f"request ({e}); try --simulator=all-at-once or tokens")
-            choice = r['choices'][0]
-            values = parse_activations(choice['message'].get('content'), len(tokens))
+        n = len(tokens)
+
+        def check(r):
+            try:
+                choice = r['choices'][0]
+                text = choice['message'].get('content')
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise BadAnswer('no message in the answer')
+            values = parse_activations(text, n)
             if values is None:
+                raise BadAnswer('not n activations from 0 to 10')
+            content = (choice.get('logprobs') or {}).get('content') if isinstance(choice.get('logprobs'), dict) else None
+            if content:
+                if not isinstance(content, list) or ''.join(str((c or {}).get('token', '')) for c in content) != text:
+                    raise BadAnswer('the logprobs do not spell the answer')
+                expected = expected_from_logprobs(content, n)
+                if expected is not None:
+                    if any(abs(e - v) > 5.5 for e, v in zip(expected, values)):
+                        raise BadAnswer('the logprobs contradict the answer')
+                    return np.array(expected, dtype=np.float64), False, 0
+            return np.array(values, dtype=np.float64), True, 0
+        for attempt in range(bad_answer_retries + 1):
+            try:
+                return await self.chat('simulator', lambda system: chat_simulator_messages(explanation, tokens, system),
+                                       check, attempt, schema=n, max_tokens=8 * n + 40,
+                                       temperature=0 if attempt == 0 else 1.0, seed=seed + attempt)
+            except BadAnswer:
                 continue
-            expected = expected_from_logprobs(((choice.get('logprobs') or {}).get('content')), len(tokens))
-            return np.array(expected if expected is not None else values, dtype=np.float64), expected is None, 0
         return None
 
     async def prompt_logprobs(self, prompt, attempt):
         k = simulator_top_logprobs
-        r = await self.call('simulator', 'completions', attempt, prompt=prompt, max_tokens=1, temperature=0, echo=True,
-                            logprobs=k, extra_body={'prompt_logprobs': k})
-        return prompt_tokens(r['choices'][0], prompt)
+
+        def check(r):
+            try:
+                tokens = prompt_tokens(r['choices'][0], prompt)
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise BadAnswer('no choices in the answer')
+            if tokens is None:
+                raise BadAnswer("the echoed tokens do not spell the prompt")
+            return tokens
+        return await self.call('simulator', 'completions', attempt, check, prompt=prompt, max_tokens=1, temperature=0,
+                               echo=True, logprobs=k, extra_body={'prompt_logprobs': k})
 
     async def simulate_all_at_once(self, explanation, toks, decode):
         """The paper's method, one prompt per excerpt: the few-shot block, the explanation, and every token as
@@ -845,23 +933,19 @@ class LLM:
         Returns (predictions, False, slots without a digit), NaN at those slots; None if the answer cannot be read."""
         tokens = [decode([t]) for t in toks]
         prompt, slots = simulator_prompt(explanation, tokens)
-        for attempt in range(bad_answer_retries + 1):
-            echoed = await self.prompt_logprobs(prompt, attempt)
-            if echoed is not None:
-                break
-        else:
-            return None
-        if self.ten_split is None:
-            seen = [e[0].strip() for e in at_offsets(echoed, [o for o, v in few_shot_slots() if v == 10]) if e]
-            self.ten_split = None if not seen else seen[0] != '10'
-        probs = [digit_probs(e[1]) if e else {} for e in at_offsets(echoed, slots)]
-        q = [0.0] * len(slots)
-        if self.ten_split and any(p.get(1) for p in probs):
-            prompt1, slots1 = simulator_prompt(explanation, tokens, slot='1')
-            echoed1 = await self.prompt_logprobs(prompt1, 0)
-            if echoed1 is None:
-                return None
-            q = [ten_after_one(e[1]) if e else 0.0 for e in at_offsets(echoed1, [o + 1 for o in slots1])]
+        try:
+            echoed = await self.prompt_logprobs(prompt, 0)
+            if self.ten_split is None:
+                seen = [e[0].strip() for e in at_offsets(echoed, [o for o, v in few_shot_slots() if v == 10]) if e]
+                self.ten_split = None if not seen else seen[0] != '10'
+            probs = [digit_probs(e[1]) if e else {} for e in at_offsets(echoed, slots)]
+            q = [0.0] * len(slots)
+            if self.ten_split and any(p.get(1) for p in probs):
+                prompt1, slots1 = simulator_prompt(explanation, tokens, slot='1')
+                echoed1 = await self.prompt_logprobs(prompt1, 0)
+                q = [ten_after_one(e[1]) if e else 0.0 for e in at_offsets(echoed1, [o + 1 for o in slots1])]
+        except BadAnswer:
+            return None                # an echo of the prompt is not resampled: asking again would not help
         preds = np.array([expected_value(p, qi) if p else np.nan for p, qi in zip(probs, q)], dtype=np.float64)
         return preds, False, int(np.isnan(preds).sum())
 
@@ -919,14 +1003,15 @@ def write_report(folder, summary, neuron_rows, decode):
     parts.append('</table>')
     for l in summary['layer_ids']:
         parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
-                     f'<th>undefined</th><th>dead</th><th>distribution of r</th></tr>')
+                     f'<th>undefined</th><th>dead</th><th>failed</th><th>hard</th><th>distribution of r</th></tr>')
         for method, s in summary['methods'].items():
             v = s['layers'][str(l)]
             scores = [r['scores'][method]['score'] for r in neuron_rows if r['layer'] == l and method in r['scores']]
             m = '–' if v['mean'] is None else f"{v['mean']:.2f}"
             sd = '–' if v['std'] is None else f"{v['std']:.2f}"
             parts.append(f"<tr><td>{method}</td><td>{m}</td><td>{sd}</td><td>{v['scored']}</td><td>{v['undefined']}"
-                         f"</td><td>{v['dead']}</td><td>{histogram_svg(scores)}</td></tr>")
+                         f"</td><td>{v['dead']}</td><td>{v['failed']}</td><td>{v['hard']}</td><td>{histogram_svg(scores)}"
+                         f"</td></tr>")
         st = summary['stats'].get(str(l), {})
         parts.append(f"</table><p>fraction of zero activations {st.get('zero_fraction', '–')}, mean L0 per token "
                      f"{st.get('l0', '–')}, dead neurons {st.get('dead', '–')} of {st.get('neurons', '–')}, "
@@ -951,12 +1036,14 @@ def write_report(folder, summary, neuron_rows, decode):
 def markdown(summary):
     lines = [f"# {summary['model_name']} ({summary['simulator_label']})", '',
              f"validation loss {summary['val_loss']}; scores are Pearson r x 100", '',
-             '| layer | method | mean | std | scored | undefined | dead |', '| --- | --- | --- | --- | --- | --- | --- |']
+             '| layer | method | mean | std | scored | undefined | dead | failed | hard | no-digit slots |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     fmt = lambda v: '–' if v is None else f'{v:.2f}'
     for l in summary['layer_ids']:
         for method, s in summary['methods'].items():
             v = s['layers'][str(l)]
-            lines.append(f"| {l} | {method} | {fmt(v['mean'])} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | {v['dead']} |")
+            lines.append(f"| {l} | {method} | {fmt(v['mean'])} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | "
+                         f"{v['dead']} | {v['failed']} | {v['hard']} | {v['no_digit_slots']} |")
     lines += ['', '| method | mean over layers | variance | mean excl. last | variance excl. last |', '| --- | --- | --- | --- | --- |']
     for method, s in summary['methods'].items():
         m = s['model']
@@ -1125,6 +1212,14 @@ def main():
         print(f"error: {len(unfinished)} neurons unfinished after server errors ({unfinished[0]}); run the same "
               f"command again to finish them", file=sys.stderr)
         sys.exit(1)
+    failed = sum(v['failed'] for m in summary['methods'].values() for v in m['layers'].values())
+    scored = sum(v['scored'] for m in summary['methods'].values() for v in m['layers'].values())
+    if failed:
+        print(f"warning: {failed} neuron scores failed (answers the simulator or explainer could not give); they are "
+              f"not recorded, so the same command asks again", file=sys.stderr)
+    if not scored and failed:
+        print("error: no neuron could be scored; see the failures in neurons.jsonl", file=sys.stderr)
+        sys.exit(1)
 
 
 def read_finished(path, run_key):
@@ -1144,9 +1239,9 @@ def read_finished(path, run_key):
 
 
 async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key):
-    """Score the neurons concurrently (the LLM's semaphore bounds the requests in flight), appending each to
-    scores.jsonl as it finishes. Returns the neurons left unfinished by server errors."""
-    transient = () if llm is None else (llm.openai.APIStatusError, llm.openai.APITimeoutError)
+    """Score the neurons concurrently (the LLM bounds the requests in flight), appending each to scores.jsonl as
+    it finishes; a neuron that failed (bad answers) is reported but not recorded, so the next run asks again.
+    Returns the neurons left unfinished by server errors or timeouts."""
     unfinished = []
     bar = tqdm(total=len(todo), desc='explain, simulate, score', unit='neuron', file=sys.stderr)
     with open(scores_path, 'a') as out_f:
@@ -1155,12 +1250,15 @@ async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_k
                 scores = {}
                 for p in protocols:
                     scores.update(await score_neuron(recs[l], n, p, decode, llm))
-            except transient as e:
+            except InterpretError:
+                raise
+            except Exception as e:               # whatever a server sends, it ends this neuron, not the run
                 unfinished.append(f"layer {l} neuron {neuron}: {type(e).__name__}")
                 return
             done[(l, neuron)] = scores
-            out_f.write(json.dumps({'run': run_key, 'layer': l, 'neuron': neuron, 'scores': scores}) + '\n')
-            out_f.flush()
+            if not any(s.get('failed') for s in scores.values()):
+                out_f.write(json.dumps({'run': run_key, 'layer': l, 'neuron': neuron, 'scores': scores}) + '\n')
+                out_f.flush()
             bar.update()
         await asyncio.gather(*(one(*t) for t in todo))
     bar.close()
@@ -1239,3 +1337,6 @@ if __name__ == '__main__':
     except InterpretError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished neurons are kept; run the same command again to go on", file=sys.stderr)
+        sys.exit(130)

@@ -521,6 +521,12 @@ def _typed(key, value, default):
 def configure(defaults, argv):
     """defaults: {key: value}; argv: config files and --key=value. Returns the merged, type-checked dict."""
     cfg, repeated = dict(defaults), set()
+    if any(a in ('--help', '-h') for a in argv):
+        doc = (sys.modules['__main__'].__doc__ or '').strip()
+        print(doc + '\n\noptions (--key=value; a config file of assignments sets them too):')
+        for k, v in defaults.items():
+            print(f"  --{k}={v!r}")
+        sys.exit(0)
     try:
         for arg in argv:
             if not arg.startswith('--'):

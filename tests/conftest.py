@@ -33,10 +33,10 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
-def run(script, *args, check=True, env=None, cmd=None):
+def run(script, *args, check=True, env=None, cmd=None, timeout=600):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     p = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *args], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+                       capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p

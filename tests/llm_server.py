@@ -5,6 +5,7 @@ simulator (10 on that token, 0 elsewhere, with logprobs that match its text), an
 logs every prompt (self.prompts: (path, body)). With 'sentencepiece' it writes numbers digit by digit, as Llama's
 and Mistral's tokenizers do: 10 is '1' then '0'."""
 
+import contextlib
 import json
 import re
 import threading
@@ -21,7 +22,10 @@ def escape(text):
 class FakeLLM:
     def __init__(self):
         self.faults = set()        # 429_once 500 malformed_once wrong_count no_logprobs no_schema auth vllm
-        #                            sentencepiece no_system no_digit_some no_digit_many
+        #                            sentencepiece no_system no_digit_some no_digit_many schema_500 too_long_once
+        #                            weird_logprobs malformed_always not_json no_choices echo_indices contradict
+        #                            malformed_at_t0 serial long_explanation
+        self.serial = threading.Lock()
         self.prompts = []
         self.delay = 0.0
         self.requests = 0
@@ -41,12 +45,13 @@ class FakeLLM:
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
                 try:
-                    time.sleep(server.delay)
-                    status, answer = server.answer(self.path, body)
+                    with (server.serial if 'serial' in server.faults else contextlib.nullcontext()):
+                        time.sleep(server.delay)          # 'serial': one request at a time, as llama.cpp's server
+                        status, answer = server.answer(self.path, body)
                 finally:
                     with server.lock:
                         server.inflight -= 1
-                data = json.dumps(answer).encode()
+                data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
                 try:
                     self.send_response(status)
                     self.send_header('Content-Type', 'application/json')
@@ -88,6 +93,10 @@ class FakeLLM:
             return self.error(500, 'internal error')
         if self.once('429_once'):
             return self.error(429, 'rate limited')
+        if 'not_json' in self.faults:
+            return 200, b'<html>upstream proxy error</html>'
+        if 'no_choices' in self.faults:
+            return 200, {'id': 'x', 'object': 'chat.completion', 'created': 0, 'model': 'fake'}
         if path.endswith('/chat/completions'):
             return self.chat(body)
         if path.endswith('/completions'):
@@ -107,6 +116,10 @@ class FakeLLM:
         fmt = (body.get('response_format') or {}).get('type')
         if fmt == 'json_schema' and 'no_schema' in self.faults:
             return self.error(400, "response_format of type 'json_schema' is not supported")
+        if fmt == 'json_schema' and 'schema_500' in self.faults:       # llama.cpp's server as shipped
+            return self.error(500, "Internal Server Error")
+        if 'Complete the sentence' not in user and self.once('too_long_once'):
+            return self.error(400, "This model's maximum context length is 4096 tokens; your messages had 5012")
         if 'max_tokens' in body and 'no_max_tokens' in self.faults:
             return self.error(400, "Unsupported parameter: 'max_tokens'; use 'max_completion_tokens' instead")
         if 'Complete the sentence' in user:                 # explainer
@@ -114,19 +127,27 @@ class FakeLLM:
             for tok, v in re.findall(r'^(.*)\t(\d+)$', user.split('<start>', 1)[1], flags=re.M):
                 totals[tok] = totals.get(tok, 0) + int(v)
             best = max(totals, key=lambda t: (totals[t], t))
-            return 200, self.completion_body('chat', f'the token "{best}".', None)
-        target = re.search(r'^Explanation: the main thing this neuron does is find the token "(.*)"\.\n', user, re.M).group(1)
+            tail = ' and ' + 'very ' * 200_000 if 'long_explanation' in self.faults else ''
+            return 200, self.completion_body('chat', f'the token "{best}"{tail}.', None)
+        target = re.search(r'^Explanation: the main thing this neuron does is find the token "(.*)"', user, re.M).group(1)
         tokens = [json.loads(m) for m in re.findall(r'^\d+: (".*")$', user, flags=re.M)]
         values = [10 if escape(t) == target else 0 for t in tokens]
         if 'wrong_count' in self.faults:
             values.append(0)
-        if self.once('malformed_once'):
+        if self.once('malformed_once') or 'malformed_always' in self.faults or (
+                'malformed_at_t0' in self.faults and body.get('temperature') == 0):
             return 200, self.completion_body('chat', '{"activations": [1, 2', None)
+        if 'echo_indices' in self.faults:                # the listing's indices, no brackets, no JSON
+            return 200, self.completion_body('chat', ' '.join(str(i) for i in range(len(tokens))), None)
         pieces, alts = ['{"activations": ['], [[]]
         for i, v in enumerate(values):
             digits = self.number(str(v))
             pieces += digits
-            alts += [[{'token': digits[0], 'logprob': -0.01, 'bytes': None}, {'token': 'x', 'logprob': -6.0, 'bytes': None}]]
+            top = self.number('0' if v else '10')[0] if 'contradict' in self.faults else digits[0]
+            alts += [[{'token': top, 'logprob': -0.01, 'bytes': None}, {'token': 'x', 'logprob': -6.0, 'bytes': None}]]
+            if 'weird_logprobs' in self.faults:          # SmolLM2's superscripts, an overflow, a string, a NaN
+                alts[-1] += [{'token': '³', 'logprob': -2.0}, {'token': '²', 'logprob': 1e308},
+                             {'token': '7', 'logprob': 'x'}, {'token': '8', 'logprob': float('nan')}]
             if len(digits) == 2:   # after the '1' of a 10: '0' far more likely than an ending
                 alts += [[{'token': '0', 'logprob': -0.01, 'bytes': None}, {'token': ',', 'logprob': -6.0, 'bytes': None}]]
             if i < len(values) - 1:
@@ -145,7 +166,7 @@ class FakeLLM:
         explanation (the neuron under test), a slot predicts 10 on the target token and 0 elsewhere; a '1' in a
         slot is followed by '0' on the target (10) and by the newline elsewhere."""
         prompt = body['prompt']
-        target = re.findall(r'^Explanation: the main thing this neuron does is find the token "(.*)"$', prompt, re.M)[-1]
+        target = re.findall(r'^Explanation: the main thing this neuron does is find the token "(.*)"', prompt, re.M)[-1]
         test_part = prompt.rindex('Explanation: ')
         pieces, alts, pos, slot = [], [], 0, 0
         lines = prompt.split('\n')

@@ -169,8 +169,8 @@ def test_quantize_and_pooled_pearson():
     s = I.summarize({0: [{'dead': False, 'score': 0.5}, {'dead': False, 'score': 0.1, 'hard': True},
                          {'dead': False, 'score': None, 'failed': True}, {'dead': True, 'score': None}],
                      1: [{'dead': False, 'score': 0.2, 'no_digit': 3}]}, n_layer=2)
-    assert s['layers'][0] == {'mean': pytest.approx(30.0), 'std': pytest.approx(20.0), 'scored': 2, 'undefined': 1,
-                              'dead': 1, 'failed': 1, 'hard': 1, 'no_digit_slots': 0}
+    assert s['layers'][0] == {'mean': pytest.approx(30.0), 'std': pytest.approx(20.0), 'scored': 2, 'undefined': 0,
+                              'dead': 1, 'failed': 1, 'hard': 1, 'no_digit_slots': 0}     # failed is not undefined
     assert s['layers'][1]['no_digit_slots'] == 3
     assert s['model']['mean'] == pytest.approx(25.0) and s['model']['var'] == pytest.approx(25.0)
     assert s['model']['mean_excl_last'] == pytest.approx(30.0)

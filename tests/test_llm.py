@@ -81,12 +81,15 @@ def test_without_logprobs_predictions_are_the_integers_marked_hard(ckpt, server,
 
 def test_wrong_answers_are_failed_simulations_not_zeros(ckpt, server, tmp_path):
     server.faults = {'wrong_count'}
-    interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat', '--bad_answer_retries=1')
+    p = interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat', '--bad_answer_retries=1',
+                  check=False)
+    assert p.returncode == 1 and 'error: no neuron could be scored' in p.stderr        # nothing scored: not a success
     planted = neurons(tmp_path)[PLANT]['top_and_random']
     assert planted['failed'] and planted['score'] is None and planted['failure'] == 'simulation'
     summary = json.load(open(tmp_path / 'summary.json'))
     layer = summary['methods']['top_and_random']['layers']['0']
     assert layer['failed'] == 3 and layer['scored'] == 0 and layer['dead'] == 1
+    assert '| failed |' in p.stdout and '| 0 | top_and_random | – | – | 0 | 0 | 1 | 3 |' in p.stdout
 
 
 def test_server_errors_leave_neurons_unfinished_and_a_rerun_finishes(ckpt, server, tmp_path):
@@ -207,7 +210,8 @@ def test_a_template_without_a_system_role_gets_the_instructions_in_the_first_tur
 @pytest.mark.parametrize('fault', ['no_digit_some', 'no_digit_many'])
 def test_a_slot_without_a_digit_is_counted_not_read_as_zero(ckpt, server, tmp_path, fault):
     server.faults = {fault}
-    interpret(ckpt, server, tmp_path, LIVE, '--simulator=all-at-once', '--protocol=openai')
+    p = interpret(ckpt, server, tmp_path, LIVE, '--simulator=all-at-once', '--protocol=openai', check=False)
+    assert p.returncode == (0 if fault == 'no_digit_some' else 1)          # 1: no neuron could be scored
     planted = neurons(tmp_path)[PLANT]['top_and_random']
     layer = json.load(open(tmp_path / 'summary.json'))['methods']['top_and_random']['layers']['0']
     if fault == 'no_digit_some':                           # the first slot of each of the 10 excerpts
@@ -272,3 +276,108 @@ def test_clean_explanation_strips_a_pair_of_quotes_only():
     assert I.clean_explanation('"names of flowers".') == 'names of flowers'
     assert I.clean_explanation('the main thing this neuron does is find "x" and "y"') == '"x" and "y"'
     assert I.clean_explanation('find dates\nmore') == 'dates' and len(I.clean_explanation('a' * 5000)) == 300
+
+
+def simulator_formats(server):
+    return [(b.get('response_format') or {}).get('type') for _, b in server.prompts
+            if 'messages' in b and 'Complete the sentence' not in b['messages'][-1]['content']]
+
+
+@pytest.mark.parametrize('fault', ['schema_500', 'too_long_once', 'weird_logprobs'])
+def test_servers_as_they_are_run(ckpt, server, tmp_path, fault):
+    """llama.cpp's server answers a JSON schema with a 500; a prompt too long for one request is that request's
+    400, not the format's; SmolLM2's logprobs hold superscript digits, and some servers send overflows or NaN."""
+    server.faults = {fault}
+    interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai')
+    planted = neurons(tmp_path)[PLANT]['top_and_random']
+    assert planted['score'] == pytest.approx(1.0, abs=1e-6) and planted['hard'] is False
+    formats = simulator_formats(server)
+    if fault == 'schema_500':      # the probe's 500s (the client's retries of one request), then JSON object
+        assert formats[:3] == ['json_schema'] * 3 and set(formats[3:]) == {'json_object'}
+    else:
+        assert set(formats) == {'json_schema'}
+
+
+@pytest.mark.parametrize('fault, failure', [('malformed_always', 'simulation'), ('echo_indices', 'simulation'),
+                                            ('contradict', 'simulation'), ('not_json', 'explanation'),
+                                            ('no_choices', 'explanation')])
+def test_a_bad_answer_fails_its_neuron_not_the_run_and_is_not_kept(ckpt, server, tmp_path, fault, failure):
+    server.faults = {fault}
+    p = interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai', check=False)
+    assert p.returncode == 1 and 'no neuron could be scored' in p.stderr and 'Traceback' not in p.stderr
+    rows = neurons(tmp_path)
+    assert rows[PLANT]['top_and_random']['failed'] and rows[PLANT]['top_and_random']['failure'] == failure
+    recorded = [json.loads(l)['neuron'] for l in open(tmp_path / 'scores.jsonl')]
+    assert recorded == [DEAD]                                  # failed neurons are not finished
+    cache = (tmp_path / 'llm_cache.jsonl').read_text()
+    assert '[1, 2' not in cache and 'upstream proxy error' not in cache
+    server.faults = set()                                      # the same command asks for them again
+    interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai')
+    assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_retry_is_a_different_request(ckpt, server, tmp_path):
+    """A deterministic server repeats a bad answer to the same request: a retry is asked at temperature 1 with
+    another seed."""
+    server.faults = {'malformed_at_t0'}
+    interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai')
+    assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
+    sims = [b for _, b in server.prompts if 'messages' in b and 'Complete the sentence' not in b['messages'][-1]['content']]
+    assert {(b['temperature'], b['seed']) for b in sims} == {(0, 0), (1.0, 1)}
+
+
+def test_timeouts_lower_the_requests_in_flight(ckpt, server, tmp_path):
+    """A server that computes one request at a time: queued requests time out, interpret.py halves the requests
+    in flight and says so; what did not finish, the same command finishes."""
+    server.faults, server.delay = {'serial'}, 0.06
+    common = ['--neurons=5,', '--protocol=openai', '--simulator=chat', '--concurrency=16', '--max_retries=0']
+    p = interpret(ckpt, server, tmp_path, *common, '--timeout=0.4', check=False)
+    assert 'in flight from now on' in p.stderr and 'Traceback' not in p.stderr
+    server.delay = 0.0
+    interpret(ckpt, server, tmp_path, *common)
+    assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dry_run_counts_whole_prompts(ckpt, server, tmp_path):
+    import re
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    p = interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat', '--dry_run=True')
+    planned = int(re.search(r'([\d,]+) prompt tokens', p.stdout).group(1).replace(',', ''))
+    interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat')
+    sent = sum(len(enc.encode(m['content'], disallowed_special=())) + 4 for _, b in server.prompts for m in b['messages'])
+    assert abs(planned - sent) < 0.05 * sent                   # the dry run's explanation is a placeholder
+
+
+def test_small_things(ckpt, server, tmp_path):
+    server.faults = {'long_explanation'}                       # a 1 MB explanation is cut, not sent on
+    interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai')
+    assert len(neurons(tmp_path)[PLANT]['top_and_random']['explanation']) <= 300
+    assert max(len(json.dumps(b)) for _, b in server.prompts) < 100_000
+    cache = tmp_path / 'llm_cache.jsonl'                         # a torn last line does not swallow the next record
+    with open(cache, 'a') as f:
+        f.write('{"key": "torn')
+    server.faults = set()
+    p = interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai', '--seed=1')  # new requests
+    assert 'skipping a torn line' in p.stderr
+    lines = cache.read_text().splitlines()
+    assert sum(1 for l in lines if l.startswith('{"key": "torn')) == 1 and all(json.loads(l) for l in lines[-3:])
+    for script in ('interpret.py', 'train.py', 'sample.py'):
+        p = run(script, '--help')
+        assert p.returncode == 0 and '--seed=' in p.stdout and 'options' in p.stdout
+
+
+def test_ctrl_c_is_one_line(ckpt, server, tmp_path):
+    interpret(ckpt, server, tmp_path, '--neurons=5,', '--protocol=openai', '--simulator=chat', '--dry_run=True')
+    server.delay = 2.0
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'interpret.py'), f'--ckpt={ckpt / "m"}', f'--data={ckpt}',
+                             f'--out={tmp_path}', '--n_openai=64', '--n_anthropic=40', '--device=cpu', '--batch_size=16',
+                             f'--base_url={server.url}', '--api_key=x', '--explainer_model=fake-explainer',
+                             '--neurons=5,', '--protocol=openai', '--simulator=chat'],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while server.requests == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and 'Traceback' not in err and 'interrupted' in err
