@@ -911,7 +911,8 @@ class LLM:
                 continue
         return None
 
-    async def prompt_logprobs(self, prompt, attempt):
+    async def prompt_logprobs(self, prompt):
+        """The prompt's echoed tokens with their top-k alternatives (an echo is not resampled: no retries)."""
         k = simulator_top_logprobs
 
         def check(r):
@@ -922,7 +923,7 @@ class LLM:
             if tokens is None:
                 raise BadAnswer("the echoed tokens do not spell the prompt")
             return tokens
-        return await self.call('simulator', 'completions', attempt, check, prompt=prompt, max_tokens=1, temperature=0,
+        return await self.call('simulator', 'completions', 0, check, prompt=prompt, max_tokens=1, temperature=0,
                                echo=True, logprobs=k, extra_body={'prompt_logprobs': k})
 
     async def simulate_all_at_once(self, explanation, toks, decode):
@@ -934,7 +935,7 @@ class LLM:
         tokens = [decode([t]) for t in toks]
         prompt, slots = simulator_prompt(explanation, tokens)
         try:
-            echoed = await self.prompt_logprobs(prompt, 0)
+            echoed = await self.prompt_logprobs(prompt)
             if self.ten_split is None:
                 seen = [e[0].strip() for e in at_offsets(echoed, [o for o, v in few_shot_slots() if v == 10]) if e]
                 self.ten_split = None if not seen else seen[0] != '10'
@@ -942,7 +943,7 @@ class LLM:
             q = [0.0] * len(slots)
             if self.ten_split and any(p.get(1) for p in probs):
                 prompt1, slots1 = simulator_prompt(explanation, tokens, slot='1')
-                echoed1 = await self.prompt_logprobs(prompt1, 0)
+                echoed1 = await self.prompt_logprobs(prompt1)
                 q = [ten_after_one(e[1]) if e else 0.0 for e in at_offsets(echoed1, [o + 1 for o in slots1])]
         except BadAnswer:
             return None                # an echo of the prompt is not resampled: asking again would not help

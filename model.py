@@ -421,20 +421,19 @@ def read_checkpoint(path):
 def from_released(state_dict, model_args):
     """Map a released CRATE checkpoint (keys transformer.h.{i}.prenorm_1, .attn.c_attn = U, .ista.weight = D^T,
     maybe prefixed by _orig_mod.) to our names and a ModelConfig. The authors' CRATE always has LayerNorm and
-    c_proj biases while their train.py records bias=False, so the biases follow the state dict, not model_args.
-    Returns (state dict, config, {our key: the file's key})."""
-    sd, names = {}, {}
+    c_proj biases while their train.py records bias=False, so the biases follow the state dict, not model_args."""
+    sd = {}
     for k, v in state_dict.items():
-        k0 = k = k.removeprefix('_orig_mod.')
+        k = k.removeprefix('_orig_mod.')
         if k.endswith('.attn.bias') and v.dim() == 4:  # a causal-mask buffer, not a parameter
             continue
         for old, new in RELEASED_NAMES.items():
             k = k.replace(old, new)
-        sd[k], names[k] = v, k0
+        sd[k] = v
     known = {f.name for f in fields(ModelConfig)}
     args = {k: v for k, v in model_args.items() if k in known and v is not None}
     args['bias'] = any(k.endswith(('ln_1.bias', 'ln_2.bias', 'ln_f.bias', 'c_proj.bias')) for k in sd)
-    return sd, ModelConfig(**{**args, 'attn': 'mssa', 'ffn': 'ista'}), names
+    return sd, ModelConfig(**{**args, 'attn': 'mssa', 'ffn': 'ista'})
 
 
 def released_key(k):
@@ -447,12 +446,12 @@ def released_key(k):
     return k
 
 
-def check_state_dict(path, model, sd, names=None):
-    """Name the missing, unexpected or mis-shaped entries of sd against model (in the file's own key names)."""
-    names = names or {}
+def check_state_dict(path, model, sd, name=lambda k: k):
+    """Name the missing, unexpected or mis-shaped entries of sd against model, in the file's own key names
+    (name(our key): released_key for a released checkpoint)."""
     want = model.state_dict()
-    missing = [names.get(k, released_key(k) if names else k) for k in want if k not in sd]
-    extra = [names.get(k, k) for k in sd if k not in want]
+    missing = [name(k) for k in want if k not in sd]
+    extra = [name(k) for k in sd if k not in want]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} its model needs: "
                          f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
@@ -462,7 +461,7 @@ def check_state_dict(path, model, sd, names=None):
     for k, v in want.items():
         if not isinstance(sd[k], torch.Tensor) or sd[k].shape != v.shape:
             got = tuple(sd[k].shape) if isinstance(sd[k], torch.Tensor) else type(sd[k]).__name__
-            raise ValueError(f"{path}: {names.get(k, k)} has shape {got}, its model_args say {tuple(v.shape)}")
+            raise ValueError(f"{path}: {name(k)} has shape {got}, its model_args say {tuple(v.shape)}")
 
 
 def load_model(path, device='cpu'):
@@ -485,16 +484,16 @@ def load_model(path, device='cpu'):
     keys = [k.removeprefix('_orig_mod.') for k in sd]
     try:
         if any(k.startswith('transformer.') for k in keys):
-            sd, cfg, names = from_released(sd, args)
+            (sd, cfg), name = from_released(sd, args), released_key
         elif 'wte.weight' in keys:
-            cfg, names = ModelConfig(**args), {}
+            cfg, name = ModelConfig(**args), (lambda k: k)
         else:
             raise ValueError(f"{path}: its state dict is neither ours (wte.weight, blocks.*) nor a released CRATE "
                              f"checkpoint's (transformer.*)")
     except TypeError as e:
         raise ValueError(f"{path}: its model_args do not describe a model here ({e})")
     model = Transformer(cfg)
-    check_state_dict(path, model, sd, names)
+    check_state_dict(path, model, sd, name)
     model.load_state_dict(sd)
     model.val_loss = ckpt.get('best_val_loss')
     return model.to(device).eval()

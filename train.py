@@ -206,7 +206,7 @@ def sae_statistics():
     # sums of: squared error, squared norm, squared deviation from the batch mean, active features, tokens,
     # and clean, spliced, zero-ablated LM loss times sequences, sequences
     sums = torch.zeros(9, device=device, dtype=torch.float64)
-    fired = torch.zeros(raw_model.config.n_features, device=device)
+    seen = torch.zeros(raw_model.config.n_features, device=device)     # features that fired on the slice
     zero = {sae_layer: lambda a: torch.zeros_like(a)}
     for chunk in np.array_split(offsets, eval_iters)[rank::world_size]:
         x, y = batch_at(data, chunk)
@@ -218,14 +218,14 @@ def sae_statistics():
         sums += torch.tensor([((a_hat - a) ** 2).sum().item(), (a ** 2).sum().item(), ((a - a.mean(0)) ** 2).sum().item(),
                               (f > 0).sum().item(), len(a), *(l * len(chunk) for l in lm), len(chunk)],
                              device=device, dtype=torch.float64)
-        fired = torch.maximum(fired, (f > 0).any(0).float())
+        seen = torch.maximum(seen, (f > 0).any(0).float())
     if ddp:
         dist.all_reduce(sums)
-        dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
     err, norm, dev, active, n_tok, clean, spliced, zeroed, n_seq = sums.tolist()
     clean, spliced, zeroed = clean / n_seq, spliced / n_seq, zeroed / n_seq
     return {'recon_error': err / norm, 'explained_variance': 1 - err / dev, 'l0': active / n_tok,
-            'dead_fraction': 1 - fired.mean().item(), 'lm_loss_clean': clean, 'lm_loss_spliced': spliced,
+            'dead_fraction': 1 - seen.mean().item(), 'lm_loss_clean': clean, 'lm_loss_spliced': spliced,
             'lm_loss_zero': zeroed, 'loss_recovered': loss_recovered(clean, spliced, zeroed)}
 
 
@@ -236,11 +236,14 @@ def resample_steps():
         fail(f"sae_resample_at={sae_resample_at!r}: give iterations separated by commas, e.g. '10000,20000', or ''")
 
 
+resample_at = resample_steps() if sae_base else []
+
+
 def get_lr(it):
     """Linear warmup for warmup_iters, then cosine decay to min_lr at lr_decay_iters. An SAE (the authors' schedule):
     a half cosine from min_lr up to learning_rate over warmup_iters, at the start and after every resampling."""
     if sae_base:
-        since = it - max([0] + [t for t in resample_steps() if t <= it])
+        since = it - max([0] + [t for t in resample_at if t <= it])
         if since >= warmup_iters:
             return learning_rate
         return min_lr + 0.5 * (1 - math.cos(math.pi * since / warmup_iters)) * (learning_rate - min_lr)
@@ -405,15 +408,14 @@ if init_from == 'resume':
     rng = checkpoint['rng']
     sampler.bit_generator.state = rng['sampler']
     np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
-    per_rank = [{'torch': t, 'cuda': c} for t, c in zip(rng['torch'], rng['cuda'])]
-    if len(per_rank) == world_size:           # each rank its own stream: dropout resumes exactly
-        torch.set_rng_state(per_rank[rank]['torch'])
-        if device_type == 'cuda' and per_rank[rank]['cuda'] is not None:
-            torch.cuda.set_rng_state(per_rank[rank]['cuda'], device)
+    if len(rng['torch']) == world_size:       # each rank its own stream: dropout resumes exactly
+        torch.set_rng_state(rng['torch'][rank])
+        if device_type == 'cuda' and rng['cuda'][rank] is not None:
+            torch.cuda.set_rng_state(rng['cuda'][rank], device)
     else:
         torch.manual_seed(seed + rank + iter_num)
         if master:
-            print(f"warning: {ckpt_path} was saved by {len(per_rank)} process(es), this run has {world_size}: "
+            print(f"warning: {ckpt_path} was saved by {len(rng['torch'])} process(es), this run has {world_size}: "
                   f"dropout's random numbers will differ from an uninterrupted run")
 else:
     torch.manual_seed(seed + rank)  # dropout differs between ranks; the weights are the same (DDP broadcasts)
@@ -507,7 +509,6 @@ def resample_dead(dead):
 
 
 if sae_base:
-    n_in = raw_model.config.n_in
     if max(1, sae_buffer // block_size) * block_size < tokens_per_iter:
         fail(f"sae_buffer={sae_buffer} holds fewer activations than one step takes ({tokens_per_iter}); raise it")
     if init_from == 'resume':    # rebuild the buffer the checkpoint was drawing from, where it was
@@ -572,7 +573,6 @@ def stop_on_nonfinite(what, value):
 
 # training loop: iteration iter_num evaluates (and checkpoints) the model after iter_num updates, then steps
 start_iter, t0, timed_iters = iter_num, time.time(), 0
-resample_at = resample_steps() if sae_base else []
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
