@@ -1,7 +1,7 @@
 """
 How interpretable are a model's neurons? The automated explain -> simulate -> score loop.
 
-    python interpret.py --ckpt=out-crate-1l --data=data/pile --layers=all --neurons=200 --protocol=all
+    python interpret.py --ckpt=out-crate-1l --data=data/pile --layers=all --neurons=random:200 --protocol=all
     python interpret.py --compare out-crate-1l/interp out-gpt2-1l/interp
 
 1. Record: run the model over the first N block_size sequences of val.bin (one flattened token stream) and keep,
@@ -38,14 +38,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import configure, load_model, model_name, script_defaults
+from model import configure, load_model, model_name, pick_device, script_defaults
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
 data = 'data/pile'           # folder holding val.bin (prepare.py)
 out = ''                     # default: <checkpoint folder>/interp
 layers = 'all'               # 'all' or a comma list, e.g. '0,2'
-neurons = 'all'              # 'all', how many per layer (a seeded random sample), or a list: '5,41,300'
+neurons = 'all'              # 'all', a list ('41' or '5,41,300'), or 'random:200' (a seeded sample per layer)
 protocol = 'all'             # 'openai', 'anthropic' or 'all'
 n_openai = 8000              # sequences for the OpenAI protocol (the paper's N)
 n_anthropic = 800            # sequences for the Anthropic protocol (a prefix of the same stream)
@@ -1036,7 +1036,9 @@ def write_report(folder, summary, neuron_rows, decode):
 
 def markdown(summary):
     lines = [f"# {summary['model_name']} ({summary['simulator_label']})", '',
-             f"validation loss {summary['val_loss']}; scores are Pearson r x 100", '',
+             f"validation loss {summary['val_loss']}; {summary['settings']['n_openai']} / "
+             f"{summary['settings']['n_anthropic']} sequences of {summary['settings']['seq_len']} tokens (OpenAI / "
+             f"Anthropic); scores are Pearson r x 100", '',
              '| layer | method | mean | std | scored | undefined | dead | failed | hard | no-digit slots |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     fmt = lambda v: '–' if v is None else f'{v:.2f}'
@@ -1087,14 +1089,52 @@ def compare(folders):
 
 # --- main -----------------------------------------------------------------------------------------------------
 
+def numbers(text):
+    """'5,41,300' (or '41') -> [5, 41, 300]; anything else is the user's mistake, said in one line."""
+    try:
+        return sorted({int(x) for x in text.split(',') if x.strip()}) or None
+    except ValueError:
+        return None
+
+
+def pick_neurons(cfg):
+    """The layers and, per layer, the neurons to interpret, from --layers and --neurons."""
+    layer_ids = list(range(cfg.n_layer)) if layers == 'all' else numbers(str(layers))
+    if not layer_ids or not all(0 <= l < cfg.n_layer for l in layer_ids):
+        raise InterpretError(f"--layers={layers}: give 'all' or layer numbers 0..{cfg.n_layer - 1} separated by commas")
+    h, spec = cfg.hidden, str(neurons)
+    if spec == 'all':
+        return layer_ids, {l: list(range(h)) for l in layer_ids}
+    if spec.startswith('random:'):
+        k = numbers(spec[7:])
+        if not k or len(k) > 1 or not 0 < k[0] <= h:
+            raise InterpretError(f"--neurons={spec}: write random:K with K from 1 to {h}, e.g. random:200")
+        return layer_ids, {l: sorted(np.random.default_rng([seed, 3, l]).choice(h, k[0], replace=False).tolist())
+                           for l in layer_ids}
+    chosen = numbers(spec)
+    if not chosen or not all(0 <= j < h for j in chosen):
+        raise InterpretError(f"--neurons={spec}: give 'all', neuron numbers 0..{h - 1} separated by commas (e.g. 41 "
+                             f"or 5,41,300), or random:K for K random neurons per layer")
+    return layer_ids, {l: chosen for l in layer_ids}
+
+
 def main():
     from prepare import gpt2_tokenizer
-    dev = device if device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = pick_device(device)
+    except ValueError as e:
+        raise InterpretError(str(e))
     autocast = torch.autocast(device_type=dev.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
     if protocol not in ('openai', 'anthropic', 'all'):
         raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
     if simulator not in ('chat', 'all-at-once', 'tokens'):
         raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
+    for k in ('n_openai', 'n_anthropic', 'batch_size', 'concurrency'):
+        if globals()[k] < 1:
+            raise InterpretError(f"--{k}={globals()[k]} must be at least 1")
+    if seq_len < 0 or dtype not in ('float32', 'bfloat16'):
+        raise InterpretError(f"--seq_len must be 0 (the block size) or more and --dtype 'float32' or 'bfloat16'; "
+                             f"got {seq_len} and {dtype!r}")
     try:
         model = load_model(ckpt, dev)
     except (FileNotFoundError, ValueError) as e:
@@ -1103,26 +1143,21 @@ def main():
     T = seq_len or cfg.block_size
     if T > cfg.block_size:
         raise InterpretError(f"seq_len={T} is longer than the model's block_size={cfg.block_size}")
-    layer_ids = list(range(cfg.n_layer)) if layers == 'all' else [int(x) for x in str(layers).split(',')]
-    if any(not 0 <= l < cfg.n_layer for l in layer_ids):
-        raise InterpretError(f"--layers={layers}: the model has layers 0..{cfg.n_layer - 1}")
+    layer_ids, cols = pick_neurons(cfg)
     h = cfg.hidden
-    if neurons == 'all':
-        cols = {l: list(range(h)) for l in layer_ids}
-    elif ',' in neurons:
-        chosen = sorted({int(x) for x in neurons.split(',') if x.strip()})
-        if not chosen or not all(0 <= j < h for j in chosen):
-            raise InterpretError(f"--neurons={neurons}: neurons are numbered 0..{h - 1}")
-        cols = {l: chosen for l in layer_ids}
-    else:
-        k = int(neurons)
-        if not 0 < k <= h:
-            raise InterpretError(f"--neurons={neurons}: give 'all' or a count from 1 to {h}")
-        cols = {l: sorted(np.random.default_rng([seed, 3, l]).choice(h, k, replace=False).tolist()) for l in layer_ids}
     protocols = ['openai', 'anthropic'] if protocol == 'all' else [protocol]
     folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
-    stream = read_stream(data, max(n_openai if 'openai' in protocols else 0, n_anthropic if 'anthropic' in protocols else 0), T)
+    wanted = {'openai': n_openai, 'anthropic': n_anthropic}
+    stream = read_stream(data, max(wanted[p] for p in protocols), T)
     streams = {'openai': stream[:n_openai], 'anthropic': stream[:n_anthropic]}
+    short = [f"--n_{p}={wanted[p]}" for p in protocols if len(streams[p]) < wanted[p]]
+    if short:
+        print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} use(s) "
+              f"{len(stream)}; the summary records the number used", file=sys.stderr)
+    vocab = getattr(model, "base", model).config.vocab_size
+    if stream.max() >= vocab:
+        raise InterpretError(f"{data}/val.bin holds token id {stream.max()} but the model's vocabulary is "
+                             f"{vocab}: the data was not tokenized for this model")
 
     if bench:
         benchmark(model, streams[protocols[0]], layer_ids, cols, dev, autocast)

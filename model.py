@@ -16,6 +16,7 @@ import ast
 import math
 import os
 import sys
+import traceback
 import warnings
 from dataclasses import dataclass, fields
 
@@ -44,13 +45,16 @@ class ModelConfig:
     ista_checkpoint: bool = False  # recompute ISTA's codes in backward: less activation memory, one more pass
 
     def __post_init__(self):
-        checks = [
+        checks = [(getattr(self, k) >= 1, f"{k} must be at least 1, got {getattr(self, k)}")
+                  for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'ista_steps', 'overcomplete')]
+        checks += [
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.ista_eta > 0 and self.ista_lambda >= 0,
+             f"ista_eta must be > 0 and ista_lambda >= 0, got {self.ista_eta} and {self.ista_lambda}"),
             (self.attn in ('mssa', 'mha'), f"attn must be 'mssa' or 'mha', got {self.attn!r}"),
             (self.ffn in ('ista', 'mlp'), f"ffn must be 'ista' or 'mlp', got {self.ffn!r}"),
             (self.activation in ('relu', 'gelu'), f"activation must be 'relu' or 'gelu', got {self.activation!r}"),
-            (self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
-            (self.ista_steps >= 1, f"ista_steps must be >= 1, got {self.ista_steps}"),
-            (self.overcomplete >= 1, f"overcomplete must be >= 1, got {self.overcomplete}"),
+            (self.n_embd % max(1, self.n_head) == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -532,7 +536,13 @@ def configure(defaults, argv):
                 if not os.path.isfile(arg):
                     raise ValueError(f"config file {arg} not found (configs are in config/, e.g. config/crate_1l.py)")
                 scope = {}
-                exec(open(arg).read(), scope)
+                try:
+                    exec(compile(open(arg).read(), arg, 'exec'), scope)
+                except SyntaxError as e:
+                    raise ValueError(f"config file {arg} line {e.lineno}: {e.msg}")
+                except Exception as e:
+                    line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ['?']
+                    raise ValueError(f"config file {arg} line {line[0]}: {type(e).__name__}: {e}")
                 items = [(k, v) for k, v in scope.items()
                          if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple, type(None)))]
                 source = arg
@@ -559,6 +569,23 @@ def configure(defaults, argv):
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
     return cfg
+
+
+def pick_device(device):
+    """'auto' is CUDA, else MPS, else the CPU; a device asked for by name must be here (ValueError otherwise)."""
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = device.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"--device={device} but this torch sees no CUDA GPU (torch {torch.__version__}); "
+                         f"use --device=cpu, or install a CUDA build of torch on a machine with a GPU")
+    if kind == 'cuda' and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device={device} but there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"--device={device} but MPS is not available here; use --device=cpu")
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"--device={device}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return device
 
 
 def script_defaults(scope):

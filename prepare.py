@@ -33,6 +33,10 @@ class PrepareError(Exception):
     pass
 
 
+class Offline(PrepareError):
+    """The hub cannot be reached; prepare() completes the hint with the output's name."""
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--dataset', default='pile', help=f"one of {', '.join(HUB)} (ignored with --files)")
@@ -94,48 +98,78 @@ def expand(globs):
     return list(dict.fromkeys(files))
 
 
-def field(record, key, where):
+def field(record, key, where, skipped):
+    """The record's text; a null or non-string text is skipped and counted in skipped (where the first was)."""
     if not isinstance(record, dict) or key not in record:
         raise PrepareError(f"{where} has no field {key!r}; name the text field with --text_field")
-    return record[key]
+    text = record[key]
+    if not isinstance(text, str):
+        skipped['n'] += 1
+        skipped.setdefault('first', f"{where} ({type(text).__name__})")
+        return ''
+    return text
 
 
-def local_documents(files, split_by, text_field):
+def lines(f):
+    """A text file's lines, streamed, strictly UTF-8: a Latin-1 or binary file is refused, not tokenized as garbage."""
+    with open(f, encoding='utf-8') as fh:
+        i = 0
+        try:
+            for i, line in enumerate(fh, 1):
+                if '\x00' in line:
+                    raise PrepareError(f"{f} line {i} holds NUL bytes: a binary file, not text; leave it out")
+                yield line
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"{f} is not UTF-8 text (byte {e.object[e.start]:#04x} in line {i + 1}): convert it, "
+                               f"e.g. with iconv -f latin1 -t utf-8, or leave it out")
+
+
+def local_documents(files, split_by, text_field, skipped):
+    """The documents of local files, in order. skipped counts records whose text is null or not a string."""
     for f in files:
         if f.endswith('.txt'):
-            with open(f, encoding='utf-8', errors='replace') as fh:
-                if split_by == 'file':
-                    yield fh.read()
-                    continue
-                para = []
-                for line in itertools.chain(fh, ['\n']):
-                    if line.strip():
-                        para.append(line)
-                    elif para:
-                        yield ''.join(para).strip('\n')
-                        para = []
+            if split_by == 'file':
+                yield ''.join(lines(f))
+                continue
+            para = []
+            for line in itertools.chain(lines(f), ['\n']):
+                if line.strip():
+                    para.append(line)
+                elif para:
+                    yield ''.join(para).strip('\n')
+                    para = []
         elif f.endswith('.parquet'):
             import pyarrow.parquet as pq
             pf = pq.ParquetFile(f)
             if text_field not in pf.schema_arrow.names:
                 raise PrepareError(f"{f} has no field {text_field!r}; name the text field with --text_field")
+            row = 0
             for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-                yield from batch.column(0).to_pylist()
+                for text in batch.column(0).to_pylist():
+                    yield field({text_field: text}, text_field, f"{f} row {row}", skipped)
+                    row += 1
         else:  # .jsonl, or .json holding either JSON lines or one array of records
-            with open(f, encoding='utf-8') as fh:
-                if fh.read(1) == '[':
-                    fh.seek(0)
-                    for i, rec in enumerate(json.load(fh)):
-                        yield field(rec, text_field, f"{f} record {i}")
-                    continue
-                fh.seek(0)
-                for i, line in enumerate(fh, 1):
-                    if line.strip():
-                        yield field(json.loads(line), text_field, f"{f} line {i}")
+            with open(f, encoding='utf-8', errors='replace') as fh:
+                array = fh.read(1) == '['
+            if array:
+                try:
+                    records = json.loads(''.join(lines(f)))
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{f} line {e.lineno}: not valid JSON ({e.msg}); fix or remove it")
+                for i, rec in enumerate(records):
+                    yield field(rec, text_field, f"{f} record {i}", skipped)
+                continue
+            for i, line in enumerate(lines(f), 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise PrepareError(f"{f} line {i}: not valid JSON ({e.msg}); fix or remove the line")
+                    yield field(rec, text_field, f"{f} line {i}", skipped)
 
 
 def hub_documents(name, split):
-    """Stream one split of a hub dataset; nothing is downloaded beyond what is read."""
+    """Stream one split of a hub dataset's records; nothing is downloaded beyond what is read."""
     import datasets
     path, config, *_ = HUB[name]
     try:
@@ -143,9 +177,9 @@ def hub_documents(name, split):
         it = iter(ds)
         first = next(it)
     except (ConnectionError, OSError) as e:
-        raise PrepareError(f"cannot reach the Hugging Face hub for {path} ({type(e).__name__}); without the network "
-                           f"prepare local text instead: python prepare.py --files 'docs/*.txt'")
-    return (rec['text'] for rec in itertools.chain([first], it))
+        raise Offline(f"cannot reach the Hugging Face hub for {path} ({type(e).__name__}); without the network "
+                      f"prepare local text instead: python prepare.py --files 'docs/*.txt'")
+    return itertools.chain([first], it)
 
 
 # --- the writer ----------------------------------------------------------------------------------------------
@@ -220,62 +254,74 @@ def prepare(args, hub_docs=hub_documents):
             if json.load(f).get('settings') == settings:
                 print(f"{out_dir} is already prepared with these settings; nothing to do (--force to redo)")
                 return None
+    created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    # disk: two bytes a token; a local source needs at most about as many bytes as its text
-    need = 2 * sum(b for b in budgets.values() if b is not None)
-    if args.files and None in budgets.values():
-        need += sum(os.path.getsize(f) for f in files)
-    free = shutil.disk_usage(out_dir).free
-    if need > free:
-        raise PrepareError(f"{out_dir} has {free / 1e9:.1f} GB free but the budget needs about {need / 1e9:.1f} GB; "
-                           f"free space or lower --train_tokens")
-
-    gpt2_tokenizer()  # fail here, before any file is touched
-    tmp = {s: os.path.join(out_dir, f'{s}.bin.tmp') for s in ('train', 'val')}
-    counts = {s: {'tokens': 0, 'documents': 0} for s in ('train', 'val')}
-    t0 = time.time()
     try:
-        for f in tmp.values():
-            open(f, 'wb').close()
-        if args.files:
-            docs = local_documents(files, args.split_by, args.text_field)
-            route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
-            nbytes = tokenize_into(docs, route, budgets, out_dir, args.num_proc, counts)
-        else:
-            _, _, train_split, val_split, _ = HUB[args.dataset]
-            if val_split:
-                nbytes = tokenize_into(hub_docs(args.dataset, val_split), lambda t: 'val', {'val': budgets['val']},
-                                       out_dir, args.num_proc, counts)
-                nbytes += tokenize_into(hub_docs(args.dataset, train_split), lambda t: 'train',
-                                        {'train': budgets['train']}, out_dir, args.num_proc, counts)
-            else:
+        # disk: two bytes a token; a local source needs at most about as many bytes as its text
+        need = 2 * sum(b for b in budgets.values() if b is not None)
+        if args.files and None in budgets.values():
+            need += sum(os.path.getsize(f) for f in files)
+        free = shutil.disk_usage(out_dir).free
+        if need > free:
+            raise PrepareError(f"{out_dir} has {free / 1e9:.1f} GB free but the budget needs about {need / 1e9:.1f} GB; "
+                               f"free space or lower --train_tokens")
+
+        gpt2_tokenizer()  # fail here, before any file is touched
+        tmp = {s: os.path.join(out_dir, f'{s}.bin.tmp') for s in ('train', 'val')}
+        counts = {s: {'tokens': 0, 'documents': 0} for s in ('train', 'val')}
+        skipped = {'n': 0}    # records whose text is null or not a string: skipped, counted, reported
+        t0 = time.time()
+        try:
+            for f in tmp.values():
+                open(f, 'wb').close()
+            if args.files:
+                docs = local_documents(files, args.split_by, args.text_field, skipped)
                 route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
-                nbytes = tokenize_into(hub_docs(args.dataset, train_split), route, budgets, out_dir,
-                                       args.num_proc, counts)
-        for s in ('train', 'val'):
-            if counts[s]['tokens'] == 0:
-                hint = (" (every document went to train: add documents, use --split_by paragraph or raise "
-                        "--val_fraction)" if s == 'val' and counts['train']['tokens'] else "")
-                raise PrepareError(f"the {s} split is empty: the source gave it no text{hint}")
-        # finished: swap the new files in, meta.json last so that it only ever describes complete files
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        for s in ('train', 'val'):
-            os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
-    finally:
-        for f in tmp.values():
-            if os.path.exists(f):
-                os.remove(f)
-    seconds = time.time() - t0
-    meta = {'settings': settings, 'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT, 'dtype': 'uint16',
-            'splits': counts, 'text_bytes': nbytes, 'seconds': round(seconds, 2), 'num_proc': args.num_proc,
-            'command': ' '.join(['python', 'prepare.py'] + sys.argv[1:])}
-    with open(meta_path + '.tmp', 'w') as f:
-        json.dump(meta, f, indent=2)
-    os.replace(meta_path + '.tmp', meta_path)
-    print(f"wrote {out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
-          f"val {counts['val']['tokens']:,} tokens ({counts['val']['documents']:,} documents); "
-          f"{nbytes / 1e6:.1f} MB of text in {seconds:.1f} s = {nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
+                nbytes = tokenize_into(docs, route, budgets, out_dir, args.num_proc, counts)
+            else:
+                _, _, train_split, val_split, _ = HUB[args.dataset]
+                texts = lambda split: (field(rec, 'text', f"{args.dataset} {split} record {i}", skipped)
+                                       for i, rec in enumerate(hub_docs(args.dataset, split)))
+                if val_split:
+                    nbytes = tokenize_into(texts(val_split), lambda t: 'val', {'val': budgets['val']},
+                                           out_dir, args.num_proc, counts)
+                    nbytes += tokenize_into(texts(train_split), lambda t: 'train',
+                                            {'train': budgets['train']}, out_dir, args.num_proc, counts)
+                else:
+                    route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
+                    nbytes = tokenize_into(texts(train_split), route, budgets, out_dir, args.num_proc, counts)
+            for s in ('train', 'val'):
+                if counts[s]['tokens'] == 0:
+                    hint = (" (every document went to train: add documents, use --split_by paragraph or raise "
+                            "--val_fraction)" if s == 'val' and counts['train']['tokens'] else "")
+                    raise PrepareError(f"the {s} split is empty: the source gave it no text{hint}")
+            # finished: swap the new files in, meta.json last so that it only ever describes complete files
+            if os.path.exists(meta_path):
+                os.remove(meta_path)
+            for s in ('train', 'val'):
+                os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
+        except Offline as e:
+            raise PrepareError(f"{e} --name={name}" + (f" --out_dir={args.out_dir}" if args.out_dir else ""))
+        finally:
+            for f in tmp.values():
+                if os.path.exists(f):
+                    os.remove(f)
+        seconds = time.time() - t0
+        meta = {'settings': settings, 'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT, 'dtype': 'uint16',
+                'splits': counts, 'skipped_records': skipped['n'], 'text_bytes': nbytes, 'seconds': round(seconds, 2), 'num_proc': args.num_proc,
+                'command': ' '.join(['python', 'prepare.py'] + sys.argv[1:])}
+        with open(meta_path + '.tmp', 'w') as f:
+            json.dump(meta, f, indent=2)
+        os.replace(meta_path + '.tmp', meta_path)
+        print(f"wrote {out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
+              f"val {counts['val']['tokens']:,} tokens ({counts['val']['documents']:,} documents); "
+              f"{nbytes / 1e6:.1f} MB of text in {seconds:.1f} s = {nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
+        if skipped['n']:
+            print(f"skipped {skipped['n']:,} records whose text is null or not a string (the first: {skipped['first']})")
+    except BaseException:
+        if created and not os.listdir(out_dir):   # a failed first run leaves no empty folder behind
+            os.rmdir(out_dir)
+        raise
     return meta
 
 

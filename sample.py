@@ -5,13 +5,14 @@ Sample from a trained model (ours or a released CRATE checkpoint), optionally st
     python sample.py --ckpt=out-crate-1l --start="1 2 3 4 5" --steer=0:41:100 --show_next=5 --num_samples=0
 """
 
+import math
 import sys
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from model import SAEModel, configure, load_model, script_defaults
+from model import SAEModel, configure, load_model, pick_device, script_defaults
 from prepare import PrepareError, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -46,6 +47,8 @@ def parse_steer(specs, model):
             layer, neuron, value = int(layer), int(neuron), float(value)
         except ValueError:
             fail(f"--steer={spec}: write it as layer:neuron:value, e.g. --steer=0:41:100")
+        if not math.isfinite(value):
+            fail(f"--steer={spec}: the value must be a finite number, e.g. --steer=0:41:100")
         L, h = model.config.n_layer, model.config.hidden
         if sae and not (layer == model.layer and 0 <= neuron < h):
             fail(f"--steer={spec}: this SAE reads layer {model.layer} and has features 0..{h - 1}")
@@ -55,9 +58,13 @@ def parse_steer(specs, model):
     return out
 
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+for name, low in (('num_samples', 0), ('max_new_tokens', 0), ('top_k', 0), ('show_next', 0), ('temperature', 0)):
+    if globals()[name] < low:
+        fail(f"--{name}={globals()[name]} must be at least {low}")
+if dtype not in ('float32', 'bfloat16'):
+    fail(f"--dtype={dtype}: use 'float32' or 'bfloat16'")
 try:
+    device = pick_device(device)
     model = load_model(ckpt, device)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
@@ -78,8 +85,12 @@ def decode(ids):
 
 
 if start.startswith('FILE:'):
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
+    try:
+        with open(start[5:], encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--start=FILE:{start[5:]}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}); "
+             f"give a readable UTF-8 text file")
 ids = enc.encode(start, allowed_special={'<|endoftext|>'})
 if not ids:
     fail("the prompt is empty; pass --start=TEXT or --start=FILE:path")
@@ -98,6 +109,7 @@ if show_next:
     print(f"fidelity: KL(unsteered || intervention with nothing steered) = {kl:.6g} nats")
     columns = ['unsteered'] + (['steered'] if steering else [])
     print('rank  ' + ''.join(f"{c:<32}" for c in columns))
+    show_next = min(show_next, len(p))
     top = {c: torch.topk(probs[c], show_next) for c in columns}
     for r in range(show_next):
         cells = [f"{decode([top[c].indices[r].item()])!r:<20}{top[c].values[r].item():<12.6f}" for c in columns]

@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from model import (ModelConfig, SAEModel, SparseAutoencoder, Transformer, check_state_dict, configure, load_model,
-                   loss_recovered, read_checkpoint, script_defaults)
+                   loss_recovered, pick_device, read_checkpoint, script_defaults)
+from prepare import HUB
 
 # -----------------------------------------------------------------------------------------------------------
 # defaults: the paper's recipe (the Pile, context 1024, ~0.5M tokens a step, AdamW, cosine schedule)
@@ -33,6 +35,7 @@ eval_interval = 1000
 eval_iters = 100                   # validation batches per eval, a fixed slice of val.bin (same every eval)
 log_interval = 10
 always_save_checkpoint = True      # else only when val loss improves
+overwrite = False                  # a fresh run into an out_dir that holds a run replaces it only when this is set
 seed = 1337
 # model (ModelConfig): CRATE by default; GPT-2 is attn='mha', ffn='mlp', bias=False
 attn = 'mssa'
@@ -98,10 +101,21 @@ def fail(msg):
     sys.exit(2)
 
 
+for k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval', 'bench_steps',
+          'bench_rounds', 'sae_expansion', 'sae_buffer', 'sae_resample_window', 'sae_resample_seqs'):
+    if config[k] < 1:
+        fail(f"--{k}={config[k]} must be at least 1")
+for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip'):
+    if config[k] < 0:
+        fail(f"--{k}={config[k]} must not be negative")
+try:
+    ModelConfig(**model_args)
+    device = pick_device(device)
+except ValueError as e:
+    fail(str(e))
+
 # distributed setup, detected from the environment torchrun sets
 ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = 'cuda' if device.startswith('cuda') else device.split(':')[0]
 if ddp:
     rank, local_rank, world_size = int(os.environ['RANK']), int(os.environ['LOCAL_RANK']), int(os.environ['WORLD_SIZE'])
@@ -131,7 +145,6 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 if master and not bench:
-    os.makedirs(out_dir, exist_ok=True)
     print(f"{world_size} process(es) on {device} ({dtype}), {tokens_per_iter:,} tokens per iteration "
           f"= {gradient_accumulation_steps} accumulation x {batch_size} sequences x {block_size} tokens")
 
@@ -142,11 +155,16 @@ data_path = os.path.join(data_dir, dataset)
 for split in () if bench else ('train', 'val'):
     f = os.path.join(data_path, f'{split}.bin')
     if not os.path.exists(f):
-        fail(f"{f} not found: make it with `python prepare.py --dataset={dataset}` "
-             f"(or `python prepare.py --files 'docs/*.txt' --name={dataset}` for local text)")
-    n = os.path.getsize(f) // 2
-    if n < block_size + 2:
-        fail(f"{f} holds {n} tokens, fewer than block_size + 2 = {block_size + 2}; prepare more data or lower block_size")
+        where = '' if data_dir == 'data' else f" --out_dir={data_path}"
+        make = (f"python prepare.py --dataset={dataset}{where}" if dataset in HUB else
+                f"python prepare.py --files 'docs/*.txt' --name={dataset}{where}")
+        fail(f"{f} not found: make it with `{make}`")
+    size = os.path.getsize(f)
+    if size % 2:
+        fail(f"{f} has an odd number of bytes ({size:,}), so it is not a file of uint16 tokens; remake it with prepare.py")
+    if size // 2 < block_size + 2:
+        fail(f"{f} holds {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}; prepare more data or lower "
+             f"block_size")
 sampler = np.random.default_rng(seed)
 
 
@@ -160,10 +178,17 @@ def to_device(x, y):
     return x.to(device), y.to(device)
 
 
+def check_tokens(f, largest):
+    if largest >= vocab_limit:
+        fail(f"{f} holds token id {largest} but the model's vocabulary is {vocab_limit} (vocab_size); tokenize the "
+             f"data with prepare.py (GPT-2 ids, below 50257) or raise vocab_size")
+
+
 def batch_at(data, offsets):
-    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in offsets]))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in offsets]))
-    return to_device(x, y)
+    x = np.stack([data[i:i + block_size].astype(np.int64) for i in offsets])
+    y = np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in offsets])
+    check_tokens(data.filename, int(max(x.max(), y.max())))   # cheap next to a forward; a too-large id would crash it
+    return to_device(torch.from_numpy(x), torch.from_numpy(y))
 
 
 def train_batches():
@@ -183,7 +208,8 @@ def estimate_loss():
         data = tokens(split)
         offsets = np.linspace(0, len(data) - block_size - 1, eval_iters * batch_size).astype(np.int64)
         total = torch.zeros(2, device=device, dtype=torch.float64)
-        for chunk in np.array_split(offsets, eval_iters)[rank::world_size]:
+        chunks = np.array_split(offsets, eval_iters)[rank::world_size]
+        for chunk in tqdm(chunks, desc=f"eval {split}", disable=not master, leave=False, file=sys.stderr, mininterval=2):
             x, y = batch_at(data, chunk)
             with autocast:
                 _, loss = (raw_model if sae_base else model)(x, y)
@@ -354,6 +380,10 @@ peak = peak_flops()
 if bench:
     benchmark()
     sys.exit(0)
+held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
+if init_from == 'scratch' and held and not overwrite:
+    fail(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --init_from=resume, train into another "
+         f"--out_dir, or replace it with --overwrite=True")
 if init_from == 'resume':
     try:
         checkpoint = read_checkpoint(ckpt_path)
@@ -395,6 +425,15 @@ if init_from == 'resume':
     trained.load_state_dict(checkpoint['model'])
 model.to(device)
 raw_model = model
+vocab_limit = (raw_model.base if sae_base else raw_model).config.vocab_size
+meta_file = os.path.join(data_path, 'meta.json')
+if os.path.exists(meta_file):     # prepare.py's files name their vocabulary; others are scanned once
+    with open(meta_file) as fh:
+        check_tokens(meta_file, json.load(fh).get('vocab_size', 1) - 1)
+else:
+    for split in ('train', 'val'):
+        data = tokens(split)
+        check_tokens(data.filename, max(int(data[i:i + 2**24].max()) for i in range(0, len(data), 2**24)))
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 if sae_base:   # Adam on the SAE (weight decay 0 by its configs)
     optimizer = torch.optim.AdamW(trained.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
@@ -524,8 +563,31 @@ if init_from == 'resume':
     checkpoint = None
 
 
+log_path = os.path.join(out_dir, 'log.jsonl')
+if master:
+    os.makedirs(out_dir, exist_ok=True)     # only now: a run refused above leaves no empty folder
+    if os.path.exists(ckpt_path + '.tmp'):
+        os.remove(ckpt_path + '.tmp')
+        print(f"removed {ckpt_path}.tmp, a partial checkpoint a killed run left")
+    if init_from == 'scratch' and held:
+        for f in held:
+            os.remove(os.path.join(out_dir, f))
+        print(f"--overwrite=True: removed the earlier run's {' and '.join(held)} from {out_dir}")
+    if init_from == 'resume':    # the log keeps what the checkpoint saw: a killed run's later lines are redone
+        lines = kept = []
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                lines = [l for l in f if l.strip()]
+            kept = [l for l in lines if l.endswith('\n') and json.loads(l).get('iter', 0) <= iter_num]  # a cut line goes
+            with open(log_path + '.tmp', 'w') as f:
+                f.writelines(kept)
+            os.replace(log_path + '.tmp', log_path)
+        dropped = f"; dropped {len(lines) - len(kept)} log line(s) after it" if len(kept) < len(lines) else ""
+        print(f"resuming from iteration {iter_num} of {ckpt_path}{dropped}")
+
+
 def log(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+    with open(log_path, 'a') as f:
         f.write(json.dumps(record) + '\n')
 
 
@@ -564,27 +626,36 @@ def stop_on_nonfinite(what, value):
     if not math.isfinite(value):
         if master:
             saved = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+            also = "" if dtype == 'float32' else " or dtype='float32'"
             print(f"error: {what} is {value} at iter {iter_num}; stopping ({saved}). "
-                  f"Try a lower learning_rate, a longer warmup_iters or dtype='float32'.", file=sys.stderr)
+                  f"Try a lower learning_rate, a longer warmup_iters{also}.", file=sys.stderr)
         if ddp:
             dist.destroy_process_group()
         sys.exit(1)
 
 
 # training loop: iteration iter_num evaluates (and checkpoints) the model after iter_num updates, then steps
+if master and not sae_base and decay_lr and max_iters < lr_decay_iters:
+    print(f"warning: max_iters={max_iters} < lr_decay_iters={lr_decay_iters}: the learning rate ends at "
+          f"{get_lr(max_iters):.2e}, not min_lr={min_lr:g}; pass --lr_decay_iters={max_iters} to decay it within this run",
+          file=sys.stderr)
 start_iter, t0, timed_iters = iter_num, time.time(), 0
+eval_seconds = 0.0                   # the last evaluation's time, for the ETA
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter and init_from == 'resume'):
+        t_eval = time.time()
         losses = estimate_loss()
+        eval_seconds = time.time() - t_eval
         stop_on_nonfinite('validation loss', losses['val'])
         save = iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint)
         best_val_loss = min(best_val_loss, losses['val'])
         gathered = gather_state() if save else None   # every rank's, so that each resumes with its own
         if master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                  f"(eval {eval_seconds:.1f} s)")
             if sae_base:
                 print('  ' + ', '.join(f"{k} {v:.4f}" for k, v in losses.items() if k not in ('train', 'val')))
             log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
@@ -642,7 +713,8 @@ while True:
         dt, t0, timed_iters = (t1 - t0) / timed_iters, t1, 0
         if master:
             mfu = f", mfu {flops_per_iter / dt / peak * 100:.1f}%" if peak else ""
-            eta = (max_iters - iter_num) * dt
+            evals_left = max_iters // eval_interval - iter_num // eval_interval + (max_iters % eval_interval > 0)
+            eta = (max_iters - iter_num) * dt + evals_left * eval_seconds
             left = f"{eta / 3600:.1f} h" if eta >= 3600 else f"{eta / 60:.1f} min"
             print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                   f"{tokens_per_iter / dt:,.0f} tok/s{mfu}, {left} to go")

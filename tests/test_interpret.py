@@ -187,7 +187,7 @@ def test_compare_two_runs(val_dir, tmp_path):
     for name, args, loss in (('crate', {}, 4.0), ('gpt2', dict(attn='mha', ffn='mlp', bias=False), 3.5)):
         save(Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64, **args)),
              tmp_path / name, loss)
-        run('interpret.py', f'--ckpt={tmp_path / name}', f'--data={val_dir}', '--neurons=12', *ARGS)
+        run('interpret.py', f'--ckpt={tmp_path / name}', f'--data={val_dir}', '--neurons=random:12', *ARGS)
     p = run('interpret.py', '--compare', str(tmp_path / 'crate' / 'interp'), str(tmp_path / 'gpt2' / 'interp'))
     rows = [l for l in p.stdout.splitlines() if l.startswith(f'| {tmp_path}')]
     assert len(rows) == 2 and '| CRATE | 1 | 4.00 |' in rows[0] and '| GPT-2 | 1 | 3.50 |' in rows[1]
@@ -217,8 +217,30 @@ def test_errors(val_dir, tmp_path):
     save(planted_model(), tmp_path / 'm', 1.0)
     p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={tmp_path}', check=False)
     assert p.returncode == 2 and 'val.bin not found' in p.stderr
-    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', '--layers=3', check=False)
-    assert p.returncode == 2 and 'the model has layers 0..0' in p.stderr
+    for arg, message in (('--layers=3', "--layers=3: give 'all' or layer numbers 0..0 separated by commas"),
+                         ('--layers=x', "--layers=x: give 'all' or layer numbers 0..0"),
+                         ('--neurons=abc', "--neurons=abc: give 'all', neuron numbers 0..255 separated by commas"),
+                         ('--neurons=256', '--neurons=256: give'), ('--neurons=random:0', 'write random:K with K from 1'),
+                         ('--neurons=random:x', 'write random:K'), ('--n_openai=0', '--n_openai=0 must be at least 1'),
+                         ('--device=cuda:99' if torch.cuda.is_available() else '--device=cuda', 'GPU')):
+        p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', arg, check=False)
+        assert p.returncode == 2 and message in p.stderr and p.stderr.count('\n') == 1, p.stderr
+    assert not (tmp_path / 'm' / 'interp').exists()
+
+
+def test_neuron_forms_and_a_stream_shorter_than_asked(val_dir, tmp_path):
+    save(planted_model(), tmp_path / 'm', 1.0)
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', f'--neurons={PLANT}', *ARGS,
+            '--n_openai=600', '--protocol=openai')
+    assert f'note: {val_dir}/val.bin holds 100 sequences of 32 tokens, so --n_openai=600 use(s) 100' in p.stderr
+    folder = tmp_path / 'm' / 'interp'
+    assert set(neurons_of(folder)) == {PLANT}                  # '--neurons=5' is neuron 5, not 5 random ones
+    assert json.loads((folder / 'summary.json').read_text())['settings']['n_openai'] == 100
+    assert '100 / 40 sequences of 32 tokens' in (folder / 'report.html').read_text()
+    assert '100 / 40 sequences of 32 tokens' in (folder / 'summary.md').read_text()
+    run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', '--neurons=random:3', *ARGS,
+        '--protocol=openai', f'--out={tmp_path / "r"}')
+    assert len(neurons_of(tmp_path / 'r')) == 3
 
 
 def test_a_band_of_zeros_draws_from_the_whole_stream(val_dir, tmp_path):

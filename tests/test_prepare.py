@@ -98,12 +98,12 @@ def test_budgets_are_exact(sources, tmp_path):
 
 
 def fake_hub(streams, stop_after=None):
-    """An in-memory stand-in for the hub's streaming reader: {split: [texts]}."""
+    """An in-memory stand-in for the hub's streaming reader: {split: [texts]}, yielded as records."""
     def hub_docs(name, split):
         for i, text in enumerate(streams[split]):
             if stop_after is not None and i == stop_after:
                 raise KeyboardInterrupt
-            yield text
+            yield {'text': text}
     return hub_docs
 
 
@@ -134,7 +134,7 @@ def test_interrupted_run_leaves_nothing_half_written(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         prep('--dataset=tinystories', '--out_dir', str(out), '--val_tokens=all',
              hub_docs=fake_hub({'train': make_docs(100), 'validation': make_docs(100)}, stop_after=50))
-    assert os.listdir(out) == []
+    assert not out.exists()                                     # not even an empty folder
     prep('--dataset=tinystories', '--out_dir', str(out), hub_docs=fake_hub({'train': make_docs(9), 'validation': make_docs(9, 1)}))
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     with pytest.raises(KeyboardInterrupt):                      # an interrupted redo keeps the finished data
@@ -161,10 +161,15 @@ def test_rerun_does_nothing_unless_forced(sources, tmp_path, capsys):
     ({'a.txt': 'x'}, ['--files', '{d}/a.txt', '--train_tokens=1e15'], 'GB free but the budget needs about'),
     ({'a.csv': 'x'}, ['--files', '{d}/a.csv'], 'unsupported file type'),
     (None, ['--dataset=tinystories'], "cannot reach the Hugging Face hub for roneneldan/TinyStories"),
+    (None, ['--dataset=tinystories', '--name=mine'], "python prepare.py --files 'docs/*.txt' --name=mine"),
+    ({'a.jsonl': '{"text": "fine"}\n\n{"text": "cut\n'}, ['--files', '{d}/a.jsonl'], 'a.jsonl line 3: not valid JSON'),
+    ({'a.json': '[{"text": "x"},\n {"text": }]'}, ['--files', '{d}/a.json'], 'a.json line 2: not valid JSON'),
+    ({'a.txt': b'caf\xe9 au lait\n'}, ['--files', '{d}/a.txt'], 'a.txt is not UTF-8 text (byte 0xe9 in line 1)'),
+    ({'a.txt': b'ok\n\x7fELF\x00\x01\x02'}, ['--files', '{d}/a.txt'], 'a.txt line 2 holds NUL bytes: a binary file'),
 ])
 def test_errors_are_one_line_with_exit_code_2(tmp_path, make, argv, message):
     for name, text in (make or {}).items():
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
     out = tmp_path / 'out'
     p = run('prepare.py', *[a.replace('{d}', str(tmp_path)) for a in argv], '--out_dir', str(out), check=False,
             env={'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'})
@@ -172,3 +177,17 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, make, argv, message):
     lines = [l for l in re.split('[\r\n]', p.stderr) if l.strip() and 'tok/s' not in l]  # less the progress bar
     assert len(lines) == 1 and lines[0].startswith('error: ')
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_records_without_text_are_skipped_and_counted(tmp_path):
+    rows = [{'text': 'a first document'}, {'text': None}, {'text': 5}, {'text': 'a second document'}]
+    (tmp_path / 'a.jsonl').write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
+    pq.write_table(pa.table({'text': ['a third document', None]}), tmp_path / 'b.parquet')
+    out = tmp_path / 'out'
+    p = run('prepare.py', '--files', str(tmp_path / 'a.jsonl'), str(tmp_path / 'b.parquet'), '--out_dir', str(out),
+            '--val_fraction=0.5', '--train_tokens=all', '--val_tokens=all')
+    assert f"skipped 3 records whose text is null or not a string (the first: {tmp_path / 'a.jsonl'} line 2 (NoneType))" in p.stdout
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['skipped_records'] == 3
+    assert sorted(docs_of(out, 'train') + docs_of(out, 'val')) == ['a first document', 'a second document',
+                                                                   'a third document']

@@ -53,10 +53,23 @@ def test_steering_changes_the_samples(ckpt):
 
 @pytest.mark.parametrize('spec, message', [('0:41', 'write it as layer:neuron:value'),
                                            ('5:1:100', 'the model has layers 0..1 and neurons 0..127'),
-                                           ('0:128:1', 'the model has layers 0..1 and neurons 0..127')])
+                                           ('0:128:1', 'the model has layers 0..1 and neurons 0..127'),
+                                           ('0:5:nan', 'the value must be a finite number'),
+                                           ('0:5:-inf', 'the value must be a finite number')])
 def test_bad_steering_is_a_clear_error(ckpt, spec, message):
     p = sample(ckpt, f'--steer={spec}', check=False)
-    assert p.returncode == 2 and message in p.stderr
+    assert p.returncode == 2 and message in p.stderr and p.stderr.count('\n') == 1
+
+
+@pytest.mark.parametrize('arg, message', [('--show_next=-1', '--show_next=-1 must be at least 0'),
+                                          ('--top_k=-5', '--top_k=-5 must be at least 0'),
+                                          ('--temperature=-1', '--temperature=-1.0 must be at least 0'),
+                                          ('--start=FILE:no/such.txt', '--start=FILE:no/such.txt: cannot read it '
+                                                                       '(No such file or directory)'),
+                                          ('--start=FILE:', 'cannot read it')])
+def test_bad_options_are_one_line(ckpt, arg, message):
+    p = sample(ckpt, arg, check=False)
+    assert p.returncode == 2 and message in p.stderr and p.stderr.count('\n') == 1, p.stderr
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

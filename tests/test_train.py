@@ -1,6 +1,10 @@
+import json
 import os
+import re
+import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,8 +80,17 @@ def test_accumulation_must_divide_among_processes(data_dir, tmp_path):
     (['config/no_such_config.py'], 'config file config/no_such_config.py not found'),
     (['--max_iters'], 'write overrides as --key=value'),
     (['--attn=linear'], "attn must be 'mssa' or 'mha'"),
-    (['--dataset=missing'], 'missing/train.bin not found: make it with `python prepare.py'),
+    (['--dataset=missing'], "missing/train.bin not found: make it with `python prepare.py --files 'docs/*.txt' "
+                            "--name=missing --out_dir="),
+    (['--dataset=tinystories'], 'tinystories/train.bin not found: make it with `python prepare.py --dataset=tinystories'),
     (['--init_from=resume'], "init_from='resume' but"),
+    (['--batch_size=0'], '--batch_size=0 must be at least 1'),
+    (['--eval_iters=-1'], '--eval_iters=-1 must be at least 1'),
+    (['--max_iters=-5'], '--max_iters=-5 must not be negative'),
+    (['--n_head=0'], 'n_head must be at least 1, got 0'),
+    (['--block_size=-4'], 'block_size must be at least 1, got -4'),
+    (['--dropout=1.0'], 'dropout must be in [0, 1)'),
+    (['--device=cuda:99' if torch.cuda.is_available() else '--device=cuda'], 'GPU'),
 ])
 def test_config_errors_are_one_line_with_exit_code_2(data_dir, tmp_path, args, message):
     p = train(data_dir, tmp_path / 'x', *args, check=False)
@@ -134,3 +147,71 @@ def test_every_config_file_is_valid(cfg, tmp_path):
     """Each config's keys and types pass the configurator: the run gets as far as looking for its data."""
     p = run('train.py', f'config/{cfg}', f'--data_dir={tmp_path}', f'--out_dir={tmp_path / "o"}', check=False)
     assert p.returncode == 2 and 'train.bin not found: make it with `python prepare.py' in p.stderr, p.stderr
+
+
+def one_line_error(p, message):
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and p.stderr.count('\n') == 1 and 'Traceback' not in p.stderr, p.stderr
+
+
+def test_a_config_file_that_fails_names_its_line(data_dir, tmp_path):
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text("max_iters = 2\nn_layer = depth\n")
+    one_line_error(train(data_dir, tmp_path / 'o', str(cfg), check=False),
+                   f"config file {cfg} line 2: NameError: name 'depth' is not defined")
+    cfg.write_text("max_iters = 2\nn_layer = = 3\n")
+    one_line_error(train(data_dir, tmp_path / 'o', str(cfg), check=False), f"config file {cfg} line 2: invalid syntax")
+    assert not (tmp_path / 'o').exists()
+
+
+def test_bad_token_files_are_refused_before_anything_is_written(data_dir, tmp_path):
+    good = np.fromfile(os.path.join(data_dir, 'toy', 'train.bin'), dtype=np.uint16)
+    for name, train_bytes, meta, message in (
+            ('odd', good.tobytes() + b'\0', None, 'has an odd number of bytes (40,001)'),
+            ('big', np.append(good, np.uint16(2000)).tobytes(), None, 'train.bin holds token id 2000 but the model'),
+            ('meta', good.tobytes(), {'vocab_size': 50257}, "meta.json holds token id 50256 but the model's vocabulary "
+                                                            "is 1024")):
+        d = tmp_path / name / 'toy'
+        d.mkdir(parents=True)
+        (d / 'train.bin').write_bytes(train_bytes)
+        shutil.copy(os.path.join(data_dir, 'toy', 'val.bin'), d / 'val.bin')
+        if meta:
+            (d / 'meta.json').write_text(json.dumps(meta))
+        one_line_error(train(tmp_path / name, tmp_path / 'o', check=False), message)
+        assert not (tmp_path / 'o').exists()               # no empty run folder left behind
+
+
+def test_a_fresh_run_never_overwrites_a_run(data_dir, tmp_path):
+    out = tmp_path / 'run'
+    p = train(data_dir, out, '--max_iters=4', '--eval_interval=2')
+    assert 'warning: max_iters=4 < lr_decay_iters=600000' in p.stderr and 'eval val' in p.stderr
+    assert re.search(r'step 2: train loss [\d.]+, val loss [\d.]+ \(eval [\d.]+ s\)', p.stdout)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    one_line_error(train(data_dir, out, '--max_iters=2', '--eval_interval=2', check=False),
+                   'holds a run (ckpt.pt, log.jsonl): continue it with --init_from=resume, train into another --out_dir, '
+                   'or replace it with --overwrite=True')
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    p = train(data_dir, out, '--max_iters=2', '--eval_interval=2', '--lr_decay_iters=2', '--overwrite=True')
+    assert "removed the earlier run's ckpt.pt and log.jsonl" in p.stdout and 'warning' not in p.stderr
+    assert [r['iter'] for r in read_log(out)] == [0, 1, 2, 2]       # the new run's log only
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+
+
+def test_resume_after_a_kill_cuts_the_log_to_the_checkpoint(data_dir, tmp_path):
+    """A kill after iteration 6 with the last checkpoint at 3: the log has 4..6 twice unless resume cuts it."""
+    args = ['--eval_interval=3', '--lr_decay_iters=6']
+    full, part = tmp_path / 'full', tmp_path / 'part'
+    train(data_dir, full, *args, '--max_iters=6')
+    train(data_dir, part, *args, '--max_iters=3')
+    ckpt3 = (part / 'ckpt.pt').read_bytes()
+    train(data_dir, part, *args, '--max_iters=6', '--init_from=resume')
+    (part / 'ckpt.pt').write_bytes(ckpt3)                 # as if killed after 6 before its checkpoint was written
+    with open(part / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 7, "lo')                         # and in the middle of a log line
+    (part / 'ckpt.pt.tmp').write_bytes(b'half a checkpoint')
+    p = train(data_dir, part, *args, '--max_iters=6', '--init_from=resume')
+    assert 'resuming from iteration 3 of' in p.stdout and 'dropped 5 log line(s) after it' in p.stdout
+    assert f'removed {part / "ckpt.pt.tmp"}, a partial checkpoint' in p.stdout
+    numbers = lambda out: [(r['iter'], r.get('loss'), r.get('val_loss')) for r in read_log(out)]
+    assert numbers(part) == numbers(full)                 # one line per iteration, the same losses
+    assert not (part / 'ckpt.pt.tmp').exists()
