@@ -68,16 +68,12 @@ bad_answer_retries = 2       # an empty explanation or a malformed simulation is
 max_no_digit = 0.1           # all-at-once: a neuron whose slots had no 0-10 digit among their top-k this often fails
 resume = True                # keep the neurons a killed run finished
 dry_run = False              # print how many requests and tokens a run would use, and stop
-anthropic_max_gb = 2.0       # memory of the Anthropic ranking, its temporaries counted (N*T x neurons a chunk x
-                             # RANK_BYTES); the forward pass at batch_size comes on top of it
 bench = False                # time a plain forward pass against the recording pass and exit
 device = 'auto'
 dtype = 'float32'            # 'float32' or 'bfloat16' (recording)
 # -----------------------------------------------------------------------------------------------------------
 
 TOP, RAND, BANDS, BAND_ITEMS = 50, 50, 11, 20
-RANK_BYTES = 20              # Anthropic ranking, per (position, neuron): the float32 values, a shuffled copy and its
-                             # sorted values, then the int64 sort order and the positions it maps to (4+4+4+8, 4+8+8)
 WINDOW = {'openai': (32, 32), 'anthropic': (4, 4)}   # tokens before pos, from pos on
 PEAK_RUN = 32                # OpenAI recording: a neuron's maximum over runs of up to this many positions
 EVEN = [0, 2, 4, 6, 8]
@@ -132,31 +128,29 @@ def random_positions(P, k, *key):
     return np.random.default_rng([seed, *key]).choice(P, size=k, replace=False)
 
 
-def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
-    """One pass over the N sequences. Memory does not grow with N: per neuron, a running top-50 on the device
-    with each entry's excerpt activations (50 x 64 values), plus the excerpts of its 50 random positions. A batch
-    is merged once the next one is computed, so that excerpts crossing into a neighbouring batch can be read."""
-    n_seq, T = seqs.shape
-    P = n_seq * T
-    before, after = WINDOW['openai']
-    if batch_size * T < after:
-        raise InterpretError(f"batch_size x seq_len must be at least {after} tokens")
+def top_and_random(P, T, layer_ids, cols, dev, protocol, key, n_random=RAND):
+    """A recorder of one protocol's top-k and random excerpts over a stream of P positions, fed batch by batch:
+    add(first position, {layer: (positions, neurons) activations of the selected neurons}), then finish() -> records.
+    Memory does not grow with P: per neuron a running top-k on the device with each entry's excerpt, plus the
+    excerpts of its random positions. A batch is merged once the next one has arrived, so that excerpts crossing
+    into a neighbouring batch can be read."""
+    before, after = WINDOW[protocol]
     k = min(TOP, P)
-    acts_width = model.config.hidden
     offsets = torch.arange(-before, after, device=dev)
     G = math.gcd(T, PEAK_RUN)   # positions a peak covers: it divides every batch
     state = {}
     for l in layer_ids:
         n = len(cols[l])
-        rand = np.stack([random_positions(P, min(RAND, P), 0, l, j) for j in cols[l]])
+        rand = np.stack([random_positions(P, min(n_random, P), key, l, j) for j in cols[l]])
         by_pos = np.argsort(rand, axis=None, kind='stable')    # random entries in stream order, sliced per batch
         state[l] = {'vals': torch.full((k, n), -float('inf'), device=dev),
                     'pos': torch.zeros((k, n), dtype=torch.long, device=dev),
                     'rand': torch.as_tensor(rand, device=dev),
                     'rand_sorted': rand.reshape(-1)[by_pos], 'rand_order': torch.as_tensor(by_pos, device=dev),
                     'win': torch.full((k + rand.shape[1], n, len(offsets)), float('nan'), device=dev),  # top, random
-                    'cols': torch.as_tensor(cols[l], device=dev), 'neuron': torch.arange(n, device=dev)}
+                    'neuron': torch.arange(n, device=dev)}
     recent = []   # (first position, {layer: (positions, neurons)}): the last two batches and the end of the one before
+    waiting = None   # the last batch added, merged once the next one is
 
     def windows(l, ts, a, pos, neuron):
         """Activations of `neuron` on the excerpt around each position of the batch a (first position ts). Most
@@ -225,78 +219,148 @@ def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
             if len(pos):
                 st['win'][slot, neuron] = windows(l, ts, a, pos, neuron)
 
-    every = {l: len(cols[l]) == acts_width for l in layer_ids}
-    waiting = None   # the last batch computed, merged once the next one is
-    for i, acts in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
-                        desc='openai: top activations and excerpts', unit='batch', file=sys.stderr):
-        sel, peaks = {}, {}
-        for l in layer_ids:   # the passes over all activations, while the batch is still in the cache
-            full = acts[l].float().reshape(-1, acts_width)
-            update_stats(stats[l], full)
-            sel[l] = full if every[l] else full[:, state[l]['cols']]
-            peaks[l] = sel[l].view(-1, G, sel[l].shape[1]).amax(1)               # maxima of runs of G positions
-        recent = recent[-2:] + [(i * T, sel)]
+    def add(ts, sel):
+        nonlocal recent, waiting
+        peaks = {l: a.view(-1, G, a.shape[1]).amax(1) for l, a in sel.items()}   # maxima of runs of G positions
+        recent = recent[-2:] + [(ts, sel)]
         if waiting:
             merge(*waiting)          # the batch before this one: both its neighbours are at hand
-            ts, done, _ = waiting    # later excerpts reach back into its last `before` positions only
-            recent[-2] = (ts + len(done[layer_ids[0]]) - before, {l: a[-before:].clone() for l, a in done.items()})
-        waiting = (i * T, sel, peaks)
-    merge(*waiting)
+            t0, done, _ = waiting    # later excerpts reach back into its last `before` positions only
+            recent[-2] = (t0 + len(done[layer_ids[0]]) - before, {l: a[-before:].clone() for l, a in done.items()})
+        waiting = (ts, sel, peaks)
+
+    def finish():
+        merge(*waiting)
+        records = {}
+        for l, st in state.items():
+            order = torch.argsort(st['vals'], dim=0, descending=True, stable=True)     # slots in rank order
+            neuron = st['neuron'][None, :].expand_as(order)
+            pos = torch.cat([st['pos'][order, neuron].T, st['rand']], 1).cpu().numpy()
+            records[l] = {'pos': pos,
+                          'acts': torch.cat([st['win'][order, neuron], st['win'][k:]]).transpose(0, 1).cpu().numpy(),
+                          'alive': (st['vals'].max(0).values > 0).cpu()}               # a neuron's best value says it
+        return records
+    return add, finish
+
+
+# Anthropic's rank bands need each neuron's quantiles. Values are binned, order-preserving, by their float32 bits:
+# exact zero alone in the middle bin, and each binade of magnitudes in [2^MAG_LO, 2^MAG_HI) split in 2^QUANT_BITS
+# bins (relative width 2^-4 = 6.25%), smaller and larger magnitudes in one end bin per sign. Positions in one bin are
+# ranked as ties, in a seeded random order. So the bands are exact for the binned values: an item of band b has a
+# value within one bin of the band's value range. Ties at zero, the common case, are exact.
+QUANT_BITS, MAG_LO, MAG_HI = 4, -20, 12
+MAG_BINS = ((MAG_HI - MAG_LO) << QUANT_BITS) + 2          # per sign, the two end bins included
+NBINS = 2 * MAG_BINS + 1
+# The band items are drawn from a pool of POOL uniformly random positions per neuron, recorded with their excerpts in
+# the same pass: each lands in a band with probability 1/12, so a band holds 75 of them on average, and fewer than
+# BAND_ITEMS with probability 1.9e-15 (binomial, 900, 1/12). A band's items, drawn uniformly from the pool positions
+# in it, are a uniform sample of the band.
+POOL = 900
+
+
+def value_bins(a):
+    """float32 values -> int32 bins in [0, NBINS), monotone in the value; bin MAG_BINS is exactly zero (either sign)."""
+    bits = a.view(torch.int32)
+    mag = ((bits & 0x7FFFFFFF) >> (23 - QUANT_BITS)) - ((127 + MAG_LO) << QUANT_BITS) + 1   # 1 = the binade 2^MAG_LO
+    return MAG_BINS + torch.sign(a).int() * (mag.clamp_(0, MAG_BINS - 1) + 1)
+
+
+def count_bins(counts, a, chunk=128):
+    """counts (n * NBINS) += how often each neuron's values in a (positions, n) fell in each bin. The work goes a
+    chunk of neurons at a time, neuron-major, which keeps its temporaries in cache and makes the counting touch one
+    neuron's counts at a time (5x faster on the 2-core CPU than counting in position-major order)."""
+    at = a.T.contiguous()
+    for j in range(0, len(at), chunk):
+        b = value_bins(at[j:j + chunk])
+        offset = NBINS * torch.arange(len(b), dtype=torch.int32, device=a.device)[:, None]
+        counts[j * NBINS:(j + len(b)) * NBINS] += torch.bincount((b + offset).view(-1), minlength=len(b) * NBINS)
+
+
+def band_items(hist, pool_pos, pool_vals, P, l, neurons):
+    """Per neuron, BANDS x BAND_ITEMS indices into its pool: BAND_ITEMS drawn uniformly from the pool positions that
+    fall in each of the 11 bands below the top twelfth of its values ranked high to low (hist: (n, NBINS) counts over
+    all P positions). A pool position's rank is uniform among its bin's ranks, distinct ones within a bin that
+    straddles a band edge (a bin is a tie, ranked in a seeded random order)."""
+    edges = np.array([P * b // 12 for b in range(13)])
+    desc = hist[:, ::-1]                                       # counts from the highest bin down
+    above = np.cumsum(desc, 1) - desc                          # ranks before each bin
+    idx = NBINS - 1 - value_bins(torch.from_numpy(pool_vals)).numpy()
+    out = np.zeros((len(neurons), BANDS * BAND_ITEMS), dtype=np.int64)
+    for r, neuron in enumerate(neurons):
+        rng = np.random.default_rng([seed, 1, l, neuron])
+        i = idx[r]
+        start, count = above[r][i], desc[r][i]
+        rank = start + (rng.random(len(i)) * count).astype(np.int64)
+        first, last = np.searchsorted(edges, start, 'right') - 1, np.searchsorted(edges, start + count - 1, 'right') - 1
+        for b in np.unique(i[first != last]):                  # a bin across a band edge: distinct ranks
+            where = np.nonzero(i == b)[0]
+            rank[where] = above[r][b] + rng.choice(desc[r][b], len(where), replace=False)
+        band = np.searchsorted(edges, rank, 'right') - 1
+        for b in range(1, 12):
+            members = np.nonzero(band == b)[0]
+            if len(members) < BAND_ITEMS:
+                raise InterpretError(f"layer {l} neuron {neuron}: {len(members)} of the {len(i)} pool positions fell in "
+                                     f"band {b}, fewer than {BAND_ITEMS} (chance about 1e-15); run again with another --seed")
+            out[r, (b - 1) * BAND_ITEMS:b * BAND_ITEMS] = rng.choice(members, BAND_ITEMS, replace=False)
+    return out
+
+
+def record(model, stream, sizes, layer_ids, cols, dev, autocast, stats):
+    """Every protocol's records, all layers and neurons at once, in one forward pass over the longest protocol's
+    prefix of the stream (sizes: {protocol: sequences}), each protocol fed its own prefix: the OpenAI top and random
+    excerpts; the Anthropic top and random excerpts, a pool of random excerpts for its bands, and each neuron's
+    histogram of binned values, from which the bands are cut at the end."""
+    T, hidden = stream.shape[1], model.config.hidden
+    if batch_size * T < max(WINDOW['openai']):
+        raise InterpretError(f"batch_size x seq_len must be at least {max(WINDOW['openai'])} tokens")
+    n_anth = sizes.get('anthropic', 0)
+    if n_anth and n_anth * T < 12 * BAND_ITEMS:
+        raise InterpretError(f"the Anthropic protocol needs at least {12 * BAND_ITEMS} tokens; raise --n_anthropic")
+    recorders = {'openai': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'openai', 0),
+                 'anthropic': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'anthropic', 2, RAND + POOL)}
+    recorders = {p: recorders[p](n) for p, n in sizes.items()}
+    pick = {l: None if len(cols[l]) == hidden else torch.as_tensor(cols[l], device=dev) for l in layer_ids}
+    hists = {l: torch.zeros(len(cols[l]) * NBINS, dtype=torch.long, device=dev) for l in layer_ids} if n_anth else {}
+    n1 = max(sizes.values())
+    for i, acts in tqdm(forward_neurons(model, stream[:n1], dev, autocast), total=math.ceil(n1 / batch_size),
+                        desc='records', unit='batch', file=sys.stderr):
+        sel = {}
+        for l in layer_ids:
+            full = acts[l].float().reshape(-1, hidden)
+            update_stats(stats[l], full)
+            sel[l] = full if pick[l] is None else full[:, pick[l]]
+        for p, n in sizes.items():
+            if i < n:    # the batch's positions that lie in the protocol's first n sequences
+                m = (min(n, i + len(acts[layer_ids[0]])) - i) * T
+                recorders[p][0](i * T, {l: a[:m] for l, a in sel.items()})
+                if p == 'anthropic':
+                    for l, a in sel.items():
+                        count_bins(hists[l], a[:m])
+    records = {p: rec[1]() for p, rec in recorders.items()}
     for l in layer_ids:
-        stats[l]['alive'] = (state[l]['vals'].max(0).values > 0).cpu()   # a neuron's best value says it
-    records = {}
-    for l, st in state.items():
-        order = torch.argsort(st['vals'], dim=0, descending=True, stable=True)     # slots in rank order
-        neuron = st['neuron'][None, :].expand_as(order)
-        pos = torch.cat([st['pos'][order, neuron].T, st['rand']], 1).cpu().numpy()
-        records[l] = {'pos': pos, 'win': window_positions(pos, 'openai', P),
-                      'acts': torch.cat([st['win'][order, neuron], st['win'][k:]]).transpose(0, 1).cpu().numpy()}
-    return records
+        stats[l]['alive'] = records[next(iter(sizes))][l]['alive']
+    if n_anth:    # the pool's excerpts become the bands' items
+        before = WINDOW['anthropic'][0]
+        for l in layer_ids:
+            r, k = records['anthropic'][l], TOP + RAND
+            pool = band_items(hists[l].view(len(cols[l]), NBINS).cpu().numpy(), r['pos'][:, k:],
+                              r['acts'][:, k:, before], n_anth * T, l, cols[l])
+            rows = np.arange(len(cols[l]))[:, None]
+            r['pos'] = np.concatenate([r['pos'][:, :k], r['pos'][:, k:][rows, pool]], 1)
+            r['acts'] = np.concatenate([r['acts'][:, :k], r['acts'][:, k:][rows, pool]], 1)
+    return {p: {l: {'pos': r['pos'], 'win': window_positions(r['pos'], p, sizes[p] * T), 'acts': r['acts']}
+                for l, r in recs.items()} for p, recs in records.items()}
+
+
+def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
+    """The OpenAI records alone: {layer: {'pos', 'win', 'acts'}}."""
+    return record(model, seqs, {'openai': len(seqs)}, layer_ids, cols, dev, autocast, stats)['openai']
 
 
 def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
-    """The rank bands need each neuron's activations on all N*T positions. Memory bound: neurons are taken in
-    chunks of c so that what the ranking holds at its peak, RANK_BYTES an entry, stays under anthropic_max_gb;
-    each chunk is one forward pass over the N sequences. Ties (a band of zeros) are ranked in a seeded random
-    order, so that a band's items come from the whole stream, not from its first stretch."""
-    n_seq, T = seqs.shape
-    P = n_seq * T
-    if P < 12 * BAND_ITEMS:
-        raise InterpretError(f"the Anthropic protocol needs at least {12 * BAND_ITEMS} tokens; raise --n_anthropic")
-    chunk = max(1, int(anthropic_max_gb * 1e9 // (RANK_BYTES * P)))
-    edges = [P * b // 12 for b in range(13)]      # rank cuts at 0, 1/12, ..., 12/12
-    records = {}
-    for l in layer_ids:
-        pos = np.zeros((len(cols[l]), TOP + RAND + BANDS * BAND_ITEMS), dtype=np.int64)
-        acts = np.zeros(pos.shape + (sum(WINDOW['anthropic']),), dtype=np.float32)
-        win = window_positions(pos, 'anthropic', P)
-        for c0 in range(0, len(cols[l]), chunk):
-            cc = torch.as_tensor(cols[l][c0:c0 + chunk], device=dev)
-            M = torch.empty((P, len(cc)), dtype=torch.float32)
-            for i, a in tqdm(forward_neurons(model, seqs, dev, autocast), total=math.ceil(n_seq / batch_size),
-                             desc=f'anthropic: layer {l}', unit='batch', file=sys.stderr):
-                if stats is not None and c0 == 0:
-                    update_stats(stats[l], a[l].float().reshape(-1, a[l].shape[-1]))
-                M[i * T:i * T + a[l].shape[0] * T] = a[l].float()[:, :, cc].reshape(-1, len(cc)).cpu()
-            if stats is not None:
-                alive = (M.amax(0) > 0)
-                stats[l]['alive'] = alive if c0 == 0 else torch.cat([stats[l]['alive'], alive])
-            shuffle = torch.randperm(P, generator=torch.Generator().manual_seed(seed * 7919 + l))
-            ranked = torch.sort(M[shuffle], dim=0, descending=True, stable=True).indices   # ties: shuffled order
-            order = shuffle[ranked].numpy()                                                # ranks -> positions
-            del ranked
-            for j in range(len(cc)):
-                n = c0 + j
-                neuron = cols[l][n]
-                rng = np.random.default_rng([seed, 1, l, neuron])
-                bands = [order[rng.choice(np.arange(edges[b], edges[b + 1]), BAND_ITEMS, replace=False), j]
-                         for b in range(1, 12)]
-                pos[n] = np.concatenate([order[:TOP, j], random_positions(P, RAND, 2, l, neuron), *bands])
-                win[n] = window_positions(pos[n], 'anthropic', P)
-                acts[n] = np.where(win[n] >= 0, M[:, j].numpy()[np.maximum(win[n], 0)], np.nan)
-            del M, order
-        records[l] = {'pos': pos, 'win': win, 'acts': acts}
-    return records
+    """The Anthropic records alone: top 50, random 50, then the 11 bands of 20."""
+    return record(model, seqs, {'anthropic': len(seqs)}, layer_ids, cols, dev, autocast,
+                  stats if stats is not None else {l: {} for l in layer_ids})['anthropic']
 
 
 def update_stats(s, a):
@@ -1160,7 +1224,7 @@ def main():
                              f"{vocab}: the data was not tokenized for this model")
 
     if bench:
-        benchmark(model, streams[protocols[0]], layer_ids, cols, dev, autocast)
+        benchmark(model, stream, {p: len(streams[p]) for p in protocols}, layer_ids, cols, dev, autocast)
         return
     os.makedirs(folder, exist_ok=True)
 
@@ -1176,14 +1240,8 @@ def main():
     else:
         if os.path.exists(meta_path):
             os.remove(meta_path)
-        recs = {l: {} for l in layer_ids}
-        if 'openai' in protocols:
-            for l, r in record_openai(model, streams['openai'], layer_ids, cols, dev, autocast, stats).items():
-                recs[l]['openai'] = r
-        if 'anthropic' in protocols:
-            for l, r in record_anthropic(model, streams['anthropic'], layer_ids, cols, dev, autocast,
-                                         None if 'openai' in protocols else stats).items():
-                recs[l]['anthropic'] = r
+        made = record(model, stream, {p: len(streams[p]) for p in protocols}, layer_ids, cols, dev, autocast, stats)
+        recs = {l: {p: made[p][l] for p in protocols} for l in layer_ids}
         for l in layer_ids:
             st = stats[l]
             top_tok = stream.reshape(-1)[recs[l][protocols[0]]['pos'][:, :TOP]]
@@ -1332,18 +1390,34 @@ def estimate(todo, recs, protocols, decode, count):
             f"{completion:,} completion tokens, counted in GPT-2 tokens{twice}")
 
 
-def benchmark(model, seqs, layer_ids, cols, dev, autocast, rounds=3):
-    """Time a plain forward pass and the OpenAI recording pass over the same tokens, alternating for `rounds`
-    rounds after a warm-up. The machine's speed drifts, so each round's ratio compares neighbours in time and the
-    median ratio is the figure."""
+def state_bytes(sizes, T, cols, batch):
+    """(what the recording holds while it runs, the records it returns), in bytes, by the arrays record() makes: per
+    neuron and protocol a running top-k with excerpts and the random (and for Anthropic the pool's) excerpts, the
+    Anthropic histogram, and three batches of activations; then positions, window positions and excerpt activations
+    per record item. Neither depends on the number of sequences."""
+    n = sum(len(c) for c in cols.values())
+    state = records = 0
+    for p, m in sizes.items():
+        k, r, w = min(TOP, m * T), RAND + (POOL if p == 'anthropic' else 0), sum(WINDOW[p])
+        state += k * (4 + 8) + r * 3 * 8 + (k + r) * w * 4 + (NBINS * 8 if p == 'anthropic' else 0)
+        records += (k + RAND + (BANDS * BAND_ITEMS if p == 'anthropic' else 0)) * (8 + w * (8 + 4))
+    return n * state + 3 * batch * T * n * 4, n * records
+
+
+def benchmark(model, stream, sizes, layer_ids, cols, dev, autocast, rounds=3):
+    """Time a plain forward pass over the tokens the recording reads (the longest protocol's sequences) against the
+    whole recording of every protocol asked for, alternating for `rounds` rounds after a warm-up. The machine's speed
+    drifts, so each round's ratio compares neighbours in time and the median ratio is the figure."""
+    import resource
     import time
+    seqs = stream[:max(sizes.values())]
     sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
     def plain():
         for i in range(0, len(seqs), batch_size):
             with torch.no_grad(), autocast:
                 model(torch.from_numpy(seqs[i:i + batch_size]).to(dev))
     def recording():
-        record_openai(model, seqs, layer_ids, cols, dev, autocast, {l: {} for l in layer_ids})
+        record(model, stream, sizes, layer_ids, cols, dev, autocast, {l: {} for l in layer_ids})
     def seconds(fn):
         sync()
         t0 = time.time()
@@ -1351,14 +1425,22 @@ def benchmark(model, seqs, layer_ids, cols, dev, autocast, rounds=3):
         sync()
         return time.time() - t0
     plain()  # warm-up
-    print(f"{len(seqs)} x {seqs.shape[1]} tokens, batch_size={batch_size}, {sum(map(len, cols.values()))} neurons "
-          f"in {len(layer_ids)} layer(s), device {dev}")
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10   # MiB (Linux reports KiB)
+    rss0 = rss()
+    what = ', '.join(f"{p} {m} x {seqs.shape[1]}" for p, m in sizes.items())
+    print(f"recording {what} tokens, batch_size={batch_size}, {sum(map(len, cols.values()))} neurons in "
+          f"{len(layer_ids)} layer(s), device {dev}; forward = one plain pass over {len(seqs)} x {seqs.shape[1]} tokens")
     ratios = []
     for r in range(rounds):
         tf, tr = seconds(plain), seconds(recording)
         ratios.append(tr / tf)
-        print(f"round {r + 1}: forward {seqs.size / tf:,.0f} tok/s, recording {seqs.size / tr:,.0f} tok/s ({tr / tf - 1:+.0%})")
-    print(f"recording over forward: {sorted(ratios)[len(ratios) // 2] - 1:+.0%} time (median of {rounds} rounds)")
+        print(f"round {r + 1}: forward {tf:.3g} s ({seqs.size / tf:,.0f} tok/s), recording {tr:.3g} s = {tr / tf:.2f}x forward")
+    print(f"recording over forward: {sorted(ratios)[len(ratios) // 2]:.2f}x time (median of {rounds} rounds)")
+    mem = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if dev.startswith('cuda') else ""
+    state, records = state_bytes(sizes, seqs.shape[1], cols, batch_size)
+    print(f"memory: recording state {state / 2**20:,.1f} MiB and records {records / 2**20:,.1f} MiB (by their arrays, "
+          f"independent of N); process peak RSS {rss0:,.0f} MiB after the plain forward, {rss():,.0f} MiB after the "
+          f"recording{mem}")
 
 
 if __name__ == '__main__':
