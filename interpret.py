@@ -470,13 +470,36 @@ async def score_neuron(rec, n, protocol, decode, llm):
     return out
 
 
+BOOT = 2000                  # bootstrap replicates for the 95% intervals
+
+
+def defined_scores(items):
+    return [s['score'] for s in items if not s['dead'] and s['score'] is not None]
+
+
+def bootstrap(per_layer_scores, layers, key=0):
+    """BOOT replicates of the mean over `layers` of each layer's mean score x100, the neurons resampled with
+    replacement within each layer (seeded by key); None where no layer has a score."""
+    rng = np.random.default_rng([BOOT, key])
+    reps = [100 * np.asarray(s)[rng.integers(0, len(s), (BOOT, len(s)))].mean(1)
+            for s in (defined_scores(per_layer_scores[l]) for l in layers) if s]
+    return np.mean(reps, 0) if reps else None
+
+
+def interval(reps):
+    """The 95% percentile interval of bootstrap replicates, or None."""
+    return None if reps is None else [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))]
+
+
 def summarize(per_layer_scores, n_layer):
     """{layer: [score or None]} -> per layer mean/std x100 and counts, and the model's mean and population
-    variance across layers, with and without the model's last layer (n_layer - 1, where it was evaluated)."""
+    variance across layers, with and without the model's last layer (n_layer - 1, where it was evaluated); each
+    mean with its 95% bootstrap interval over neurons."""
     layers_out = {}
     for l, items in per_layer_scores.items():
-        scored = [s['score'] for s in items if not s['dead'] and s['score'] is not None]
+        scored = defined_scores(items)
         layers_out[l] = {'mean': 100 * float(np.mean(scored)) if scored else None,
+                         'ci': interval(bootstrap(per_layer_scores, [l])),
                          'std': 100 * float(np.std(scored)) if scored else None,
                          'scored': len(scored),   # undefined: a constant side; failed: no usable answer
                          'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None and not s.get('failed')),
@@ -484,9 +507,12 @@ def summarize(per_layer_scores, n_layer):
                          'hard': sum(1 for s in items if s.get('hard')),
                          'no_digit_slots': sum(s.get('no_digit', 0) for s in items)}
     means = [v['mean'] for v in layers_out.values() if v['mean'] is not None]
-    all_but_last = [v['mean'] for l, v in layers_out.items() if l != n_layer - 1 and v['mean'] is not None]
-    model = {'mean': float(np.mean(means)) if means else None, 'var': float(np.var(means)) if means else None,
+    but_last = [l for l in per_layer_scores if l != n_layer - 1]
+    all_but_last = [layers_out[l]['mean'] for l in but_last if layers_out[l]['mean'] is not None]
+    model = {'mean': float(np.mean(means)) if means else None, 'ci': interval(bootstrap(per_layer_scores, list(per_layer_scores))),
+             'var': float(np.var(means)) if means else None,
              'mean_excl_last': float(np.mean(all_but_last)) if all_but_last else None,
+             'ci_excl_last': interval(bootstrap(per_layer_scores, but_last)),
              'var_excl_last': float(np.var(all_but_last)) if all_but_last else None}
     return {'layers': layers_out, 'model': model}
 
@@ -1049,6 +1075,52 @@ def histogram_svg(scores, width=300, height=60, bins=20):
             f'y="{height + 12}" font-size="10">1</text></svg>')
 
 
+COLORS = ['#d62', '#26d', '#2a4', '#a2a', '#999', '#d92', '#2aa', '#666']
+
+
+def lines_svg(series, title, width=480, height=160):
+    """A line chart of {name: [(x, y)]}: axes from the data's ranges, labelled at their ends."""
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return ''
+    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
+    sx = lambda x: 40 + (x - x0) / ((x1 - x0) or 1) * (width - 50)
+    sy = lambda y: 10 + (y1 - y) / ((y1 - y0) or 1) * (height - 30)
+    paths = ''.join(f'<polyline fill="none" stroke="{COLORS[i % len(COLORS)]}" points="'
+                    + ' '.join(f'{sx(x):.1f},{sy(y):.1f}' for x, y in pts) + f'"><title>{html.escape(name)}</title></polyline>'
+                    f'<text x="{width - 8}" y="{sy(pts[-1][1]):.1f}" font-size="10" text-anchor="end" '
+                    f'fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>'
+                    for i, (name, pts) in enumerate(series.items()) if pts)
+    return (f'<figure><figcaption>{html.escape(title)}</figcaption><svg width="{width}" height="{height}">'
+            f'<rect x="40" y="10" width="{width - 50}" height="{height - 30}" fill="none" stroke="#ccc"/>{paths}'
+            f'<text x="36" y="14" font-size="10" text-anchor="end">{y1:.3g}</text>'
+            f'<text x="36" y="{height - 20}" font-size="10" text-anchor="end">{y0:.3g}</text>'
+            f'<text x="40" y="{height - 6}" font-size="10">iter {x0:g}</text>'
+            f'<text x="{width - 10}" y="{height - 6}" font-size="10" text-anchor="end">{x1:g}</text></svg></figure>')
+
+
+def training_svg(ckpt_path):
+    """Loss and the neurons' zero fraction per layer over the iterations, from the checkpoint's log.jsonl."""
+    path = os.path.join(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path), 'log.jsonl')
+    if not os.path.exists(path):
+        return ''
+    with open(path) as f:
+        evals = [r for r in map(json.loads, filter(str.strip, f)) if 'val_loss' in r]
+    loss = {k: [(r['iter'], r[k]) for r in evals] for k in ('train_loss', 'val_loss')}
+    layers = len(evals[-1].get('sparsity', [])) if evals else 0
+    zero = {f'layer {l}': [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals if 'sparsity' in r]
+            for l in range(layers)}
+    return ('<h2>Training</h2>' + lines_svg(loss, 'loss over iterations')
+            + (lines_svg(zero, "the neurons' zero fraction (values not > 0) on the validation slice") if layers else ''))
+
+
+def fmt(v, ci=None):
+    """A score x100 with two decimals, '–' for none, and its 95% interval where given."""
+    if v is None:
+        return '–'
+    return f'{v:.2f}' + (f' [{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '')
+
+
 def write_report(folder, summary, neuron_rows, decode):
     title = f"{summary['model_name']} — neuron interpretability ({summary['simulator_label']})"
     parts = [f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
@@ -1060,21 +1132,21 @@ def write_report(folder, summary, neuron_rows, decode):
              f'<p>checkpoint {html.escape(summary["ckpt"])}, validation loss {summary["val_loss"]}, '
              f'{summary["settings"]["n_openai"]} / {summary["settings"]["n_anthropic"]} sequences of '
              f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic). Scores are Pearson r x 100.</p>',
-             '<table><tr><th>method</th><th>mean over layers</th><th>variance</th><th>excl. last layer</th></tr>']
+             '<table><tr><th>method</th><th>mean over layers [95% interval]</th><th>variance</th><th>excl. last '
+             'layer</th></tr>']
     for method, s in summary['methods'].items():
-        f = lambda v: '–' if v is None else f'{v:.2f}'
-        parts.append(f"<tr><td>{method}</td><td>{f(s['model']['mean'])}</td><td>{f(s['model']['var'])}</td>"
-                     f"<td>{f(s['model']['mean_excl_last'])}</td></tr>")
-    parts.append('</table>')
+        m = s['model']
+        parts.append(f"<tr><td>{method}</td><td>{fmt(m['mean'], m.get('ci'))}</td><td>{fmt(m['var'])}</td>"
+                     f"<td>{fmt(m['mean_excl_last'], m.get('ci_excl_last'))}</td></tr>")
+    parts.append('</table>' + training_svg(summary['ckpt']))
     for l in summary['layer_ids']:
         parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
                      f'<th>undefined</th><th>dead</th><th>failed</th><th>hard</th><th>distribution of r</th></tr>')
         for method, s in summary['methods'].items():
             v = s['layers'][str(l)]
             scores = [r['scores'][method]['score'] for r in neuron_rows if r['layer'] == l and method in r['scores']]
-            m = '–' if v['mean'] is None else f"{v['mean']:.2f}"
-            sd = '–' if v['std'] is None else f"{v['std']:.2f}"
-            parts.append(f"<tr><td>{method}</td><td>{m}</td><td>{sd}</td><td>{v['scored']}</td><td>{v['undefined']}"
+            parts.append(f"<tr><td>{method}</td><td>{fmt(v['mean'], v.get('ci'))}</td><td>{fmt(v['std'])}</td>"
+                         f"<td>{v['scored']}</td><td>{v['undefined']}"
                          f"</td><td>{v['dead']}</td><td>{v['failed']}</td><td>{v['hard']}</td><td>{histogram_svg(scores)}"
                          f"</td></tr>")
         st = summary['stats'].get(str(l), {})
@@ -1103,23 +1175,26 @@ def markdown(summary):
              f"validation loss {summary['val_loss']}; {summary['settings']['n_openai']} / "
              f"{summary['settings']['n_anthropic']} sequences of {summary['settings']['seq_len']} tokens (OpenAI / "
              f"Anthropic); scores are Pearson r x 100", '',
-             '| layer | method | mean | std | scored | undefined | dead | failed | hard | no-digit slots |',
+             '| layer | method | mean [95% interval] | std | scored | undefined | dead | failed | hard | no-digit slots |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-    fmt = lambda v: '–' if v is None else f'{v:.2f}'
     for l in summary['layer_ids']:
         for method, s in summary['methods'].items():
             v = s['layers'][str(l)]
-            lines.append(f"| {l} | {method} | {fmt(v['mean'])} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | "
+            lines.append(f"| {l} | {method} | {fmt(v['mean'], v.get('ci'))} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | "
                          f"{v['dead']} | {v['failed']} | {v['hard']} | {v['no_digit_slots']} |")
-    lines += ['', '| method | mean over layers | variance | mean excl. last | variance excl. last |', '| --- | --- | --- | --- | --- |']
+    lines += ['', '| method | mean over layers [95% interval] | variance | mean excl. last | variance excl. last |',
+              '| --- | --- | --- | --- | --- |']
     for method, s in summary['methods'].items():
         m = s['model']
-        lines.append(f"| {method} | {fmt(m['mean'])} | {fmt(m['var'])} | {fmt(m['mean_excl_last'])} | {fmt(m['var_excl_last'])} |")
+        lines.append(f"| {method} | {fmt(m['mean'], m.get('ci'))} | {fmt(m['var'])} | "
+                     f"{fmt(m['mean_excl_last'], m.get('ci_excl_last'))} | {fmt(m['var_excl_last'])} |")
     return '\n'.join(lines) + '\n'
 
 
 def compare(folders):
-    """The paper-style table for several runs side by side, and CRATE vs GPT-2 at each depth."""
+    """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons,
+    and CRATE - GPT-2 at each depth: the difference and the relative improvement, each with its interval (the two
+    runs' neurons resampled independently, from their neurons.jsonl)."""
     runs = []
     for f in folders:
         path = os.path.join(f, 'summary.json')
@@ -1127,27 +1202,44 @@ def compare(folders):
             raise InterpretError(f"{path} not found: run interpret.py on that checkpoint first")
         with open(path) as fh:
             runs.append((f, json.load(fh)))
-    fmt = lambda v: '–' if v is None else f'{v:.2f}'
     cols = ['top_and_random', 'random_only', 'anthropic']
     lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic |',
              '| --- | --- | --- | --- | --- | --- | --- | --- |']
+
+    def figure(s):   # the paper leaves out the last layer at 6L and 12L
+        return ('mean_excl_last', 'ci_excl_last') if s['model']['n_layer'] >= 6 else ('mean', 'ci')
+
     for f, s in runs:
-        cells = []
-        for c in cols:
-            m = s['methods'].get(c, {}).get('model', {})
-            key = 'mean_excl_last' if s['model']['n_layer'] >= 6 else 'mean'  # the paper leaves out the last layer at 6L, 12L
-            cells.append(fmt(m.get(key)))
+        key, ci = figure(s)
+        cells = [fmt(s['methods'].get(c, {}).get('model', {}).get(key), s['methods'].get(c, {}).get('model', {}).get(ci))
+                 for c in cols]
         lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
                      f"{s['simulator_label']} | " + ' | '.join(cells) + ' |')
-    pairs = [(a, b) for a in runs for b in runs if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
+
+    def replicates(i, folder, s, method):
+        per_layer = {l: [] for l in s['layer_ids']}
+        with open(os.path.join(folder, 'neurons.jsonl')) as fh:
+            for row in map(json.loads, fh):
+                if method in row['scores']:
+                    per_layer[row['layer']].append(row['scores'][method])
+        n = s['model']['n_layer']
+        return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1], key=i)
+
+    pairs = [((i, *a), (j, *b)) for i, a in enumerate(runs) for j, b in enumerate(runs)
+             if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
              and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]
-    for (fa, a), (fb, b) in pairs:
-        rel = []
+    for (i, fa, a), (j, fb, b) in pairs:
+        lines.append(f"\nCRATE {fa} - GPT-2 {fb} (95% intervals, bootstrap over neurons):")
         for c in cols:
-            key = 'mean_excl_last' if a['model']['n_layer'] >= 6 else 'mean'
-            x, y = a['methods'].get(c, {}).get('model', {}).get(key), b['methods'].get(c, {}).get('model', {}).get(key)
-            rel.append(f"{c} {100 * (x / y - 1):+.0f}%" if x is not None and y not in (None, 0) else f"{c} –")
-        lines.append(f"\nCRATE {fa} vs GPT-2 {fb}: " + ', '.join(rel))
+            x, y = a['methods'].get(c, {}).get('model', {}).get(figure(a)[0]), b['methods'].get(c, {}).get('model', {}).get(figure(b)[0])
+            if x is None or y is None:
+                lines.append(f"- {c}: –")
+                continue
+            rx, ry = replicates(i, fa, a, c), replicates(j, fb, b, c)
+            rel = f"{100 * (x / y - 1):+.0f}% [{100 * np.percentile(rx / ry - 1, 2.5):+.0f}%, " \
+                  f"{100 * np.percentile(rx / ry - 1, 97.5):+.0f}%]" if y > 0 and (ry > 0).all() else '–'
+            lines.append(f"- {c}: difference {x - y:+.2f} [{np.percentile(rx - ry, 2.5):+.2f}, "
+                         f"{np.percentile(rx - ry, 97.5):+.2f}], relative {rel}")
     return '\n'.join(lines)
 
 

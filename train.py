@@ -201,22 +201,36 @@ def train_batches():
 @torch.no_grad()
 def estimate_loss():
     """Mean loss over a fixed slice of each split: eval_iters * batch_size windows spread evenly over the file,
-    shared out among the ranks and averaged over all of them."""
+    shared out among the ranks and averaged over all of them. For a language model also, per layer on the validation
+    slice, how sparse its neurons are (CRATE's codes A_t, GPT-2's post-ReLU values): the fraction of values that are
+    not > 0, the L0 (values > 0 per token) and the neurons never > 0."""
     model.eval()
     out = {}
     for split in ('train', 'val'):
         data = tokens(split)
         offsets = np.linspace(0, len(data) - block_size - 1, eval_iters * batch_size).astype(np.int64)
         total = torch.zeros(2, device=device, dtype=torch.float64)
+        fired = torch.zeros(n_layer, raw_model.config.hidden, device=device) if split == 'val' and not sae_base else None
         chunks = np.array_split(offsets, eval_iters)[rank::world_size]
         for chunk in tqdm(chunks, desc=f"eval {split}", disable=not master, leave=False, file=sys.stderr, mininterval=2):
             x, y = batch_at(data, chunk)
             with autocast:
-                _, loss = (raw_model if sae_base else model)(x, y)
+                if sae_base:
+                    _, loss = raw_model(x, y)
+                else:
+                    _, loss, neurons = model(x, y, return_neurons=True)
+            if fired is not None:          # per layer and neuron: positions where it is > 0
+                fired += torch.stack([(a > 0).flatten(0, 1).sum(0) for a in neurons])
             total += torch.tensor([loss.item() * len(chunk), len(chunk)], device=device, dtype=torch.float64)
         if ddp:
             dist.all_reduce(total)
+            if fired is not None:
+                dist.all_reduce(fired)
         out[split] = (total[0] / total[1]).item()
+        if fired is not None:
+            n_tok = len(offsets) * block_size
+            out['sparsity'] = [{'zero_fraction': round(1 - f.sum().item() / (n_tok * len(f)), 4),
+                                'l0': round(f.sum().item() / n_tok, 2), 'dead': int((f == 0).sum())} for f in fired]
     if sae_base:
         out.update(sae_statistics())
     model.train()
@@ -656,6 +670,10 @@ while True:
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                   f"(eval {eval_seconds:.1f} s)")
+            if 'sparsity' in losses:
+                sp = losses['sparsity']
+                print(f"  neurons per layer: zero fraction {', '.join(str(v['zero_fraction']) for v in sp)}; "
+                      f"L0 {', '.join(str(v['l0']) for v in sp)}; dead {', '.join(str(v['dead']) for v in sp)}")
             if sae_base:
                 print('  ' + ', '.join(f"{k} {v:.4f}" for k, v in losses.items() if k not in ('train', 'val')))
             log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],

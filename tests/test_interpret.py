@@ -187,6 +187,21 @@ def test_excl_last_leaves_out_the_models_last_layer_only():
     assert I.summarize(six, n_layer=5)['model']['mean_excl_last'] == pytest.approx(25.0)   # layer 4 is the last
 
 
+def test_report_plots_the_training_log(val_dir, tmp_path):
+    save(planted_model(), tmp_path / 'm', 1.0)
+    with open(tmp_path / 'm' / 'log.jsonl', 'w') as f:
+        for it, loss, zf in ((0, 6.0, 0.5), (10, 4.0, 0.7), (20, 3.0, 0.8)):
+            f.write(json.dumps({'iter': it, 'train_loss': loss, 'val_loss': loss + 0.1,
+                                'sparsity': [{'zero_fraction': zf, 'l0': 1.0, 'dead': 0}]}) + '\n')
+            f.write(json.dumps({'iter': it + 1, 'loss': loss}) + '\n')
+    run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', f'--neurons={PLANT}', *ARGS, '--protocol=openai')
+    page = (tmp_path / 'm' / 'interp' / 'report.html').read_text()
+    assert page.count('<polyline') == 3 and 'layer 0' in page and "zero fraction" in page   # train, val; layer 0
+    zero_line = re.search(r'<polyline[^>]*points="([^"]*)"><title>layer 0</title>', page).group(1)
+    ys = [float(p.split(',')[1]) for p in zero_line.split()]
+    assert len(ys) == 3 and ys[0] > ys[1] > ys[2]                   # rising zero fraction: lower on the page
+
+
 def test_compare_two_runs(val_dir, tmp_path):
     torch.manual_seed(2)
     for name, args, loss in (('crate', {}, 4.0), ('gpt2', dict(attn='mha', ffn='mlp', bias=False), 3.5)):
@@ -198,9 +213,29 @@ def test_compare_two_runs(val_dir, tmp_path):
     assert len(rows) == 2 and '| CRATE | 1 | 4.00 |' in rows[0] and '| GPT-2 | 1 | 3.50 |' in rows[1]
     s = [json.load(open(tmp_path / n / 'interp' / 'summary.json'))['methods']['random_only']['model']['mean']
          for n in ('crate', 'gpt2')]
-    assert f"random_only {100 * (s[0] / s[1] - 1):+.0f}%" in p.stdout
-    assert f"{s[0]:.2f}" in rows[0] and f"{s[1]:.2f}" in rows[1]
+    assert f"random_only: difference {s[0] - s[1]:+.2f} [" in p.stdout
+    assert f"relative {100 * (s[0] / s[1] - 1):+.0f}% [" in p.stdout or s[1] <= 0
+    cis = [json.load(open(tmp_path / n / 'interp' / 'summary.json'))['methods']['random_only']['model']['ci']
+           for n in ('crate', 'gpt2')]
+    for row, mean, ci in zip(rows, s, cis):     # every figure with its interval, which holds the mean
+        assert f"{mean:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" in row and ci[0] <= mean <= ci[1]
+    lo, hi = map(float, re.search(r'random_only: difference [+-][\d.]+ \[([+-][\d.]+), ([+-][\d.]+)\]', p.stdout).groups())
+    assert lo <= s[0] - s[1] <= hi
     assert len(neurons_of(tmp_path / 'crate' / 'interp')) == 12
+
+
+def test_bootstrap_interval_covers_the_mean_at_its_nominal_rate():
+    """Neuron scores drawn from a known skewed distribution (mean 0.3): the 95% interval of the mean over two
+    layers of 100 neurons each holds the true mean about 95% of the time."""
+    rng = np.random.default_rng(0)
+    hits, trials = 0, 300
+    for t in range(trials):
+        per_layer = {l: [{'score': float(x), 'dead': False} for x in rng.beta(2, 14 / 3, 100)] for l in (0, 1)}
+        lo, hi = I.interval(I.bootstrap(per_layer, [0, 1], key=t))
+        hits += lo <= 30.0 <= hi
+    assert 0.91 <= hits / trials <= 0.985, hits / trials
+    s = I.summarize({0: [{'score': 0.5, 'dead': False}, {'score': 0.1, 'dead': False}, {'score': None, 'dead': True}]}, 1)
+    assert s['layers'][0]['ci'] == [10.0, 50.0] and s['model']['ci'] == [10.0, 50.0] and s['model']['ci_excl_last'] is None
 
 
 def test_recording_benchmark_times_every_protocol(val_dir, tmp_path):

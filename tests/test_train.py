@@ -31,8 +31,19 @@ def test_training_lowers_the_loss(data_dir, tmp_path):
         assert evals[0]['val_loss'] > 6.5                        # about ln(1024) at init
         assert evals[-1]['val_loss'] < 3.0                       # learned the chain (its entropy is ~1)
         assert not os.path.exists(out / 'ckpt.pt.tmp')
-        cfg = load_model(str(out)).config
+        trained = load_model(str(out))
+        cfg = trained.config
         assert (cfg.attn, cfg.ffn, cfg.bias) == (('mha', 'mlp', False) if model else ('mssa', 'ista', True))
+        # each eval logs the neurons' sparsity on the validation slice: recompute it from the saved model
+        val = np.fromfile(os.path.join(data_dir, 'toy', 'val.bin'), dtype=np.uint16).astype(np.int64)
+        x = torch.from_numpy(np.stack([val[i:i + 32] for i in np.linspace(0, len(val) - 33, 2 * 8).astype(np.int64)]))
+        with torch.no_grad():
+            _, _, neurons = trained(x, return_neurons=True)
+        for a, logged in zip(neurons, evals[-1]['sparsity']):
+            active = (a > 0).flatten(0, 1)
+            assert logged == {'zero_fraction': round(1 - active.float().mean().item(), 4),
+                              'l0': round(active.sum().item() / x.numel(), 2), 'dead': int((~active.any(0)).sum())}
+        assert len(evals[0]['sparsity']) == 2
 
 
 def test_resume_equals_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
