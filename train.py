@@ -210,7 +210,7 @@ def estimate_loss():
         data = tokens(split)
         offsets = np.linspace(0, len(data) - block_size - 1, eval_iters * batch_size).astype(np.int64)
         total = torch.zeros(2, device=device, dtype=torch.float64)
-        fired = torch.zeros(n_layer, raw_model.config.hidden, device=device) if split == 'val' and not sae_base else None
+        active = torch.zeros(n_layer, raw_model.config.hidden, device=device) if split == 'val' and not sae_base else None
         chunks = np.array_split(offsets, eval_iters)[rank::world_size]
         for chunk in tqdm(chunks, desc=f"eval {split}", disable=not master, leave=False, file=sys.stderr, mininterval=2):
             x, y = batch_at(data, chunk)
@@ -219,18 +219,18 @@ def estimate_loss():
                     _, loss = raw_model(x, y)
                 else:
                     _, loss, neurons = model(x, y, return_neurons=True)
-            if fired is not None:          # per layer and neuron: positions where it is > 0
-                fired += torch.stack([(a > 0).flatten(0, 1).sum(0) for a in neurons])
+            if active is not None:         # per layer and neuron: positions where it is > 0
+                active += torch.stack([(a > 0).flatten(0, 1).sum(0) for a in neurons])
             total += torch.tensor([loss.item() * len(chunk), len(chunk)], device=device, dtype=torch.float64)
         if ddp:
             dist.all_reduce(total)
-            if fired is not None:
-                dist.all_reduce(fired)
+            if active is not None:
+                dist.all_reduce(active)
         out[split] = (total[0] / total[1]).item()
-        if fired is not None:
+        if active is not None:
             n_tok = len(offsets) * block_size
             out['sparsity'] = [{'zero_fraction': round(1 - f.sum().item() / (n_tok * len(f)), 4),
-                                'l0': round(f.sum().item() / n_tok, 2), 'dead': int((f == 0).sum())} for f in fired]
+                                'l0': round(f.sum().item() / n_tok, 2), 'dead': int((f == 0).sum())} for f in active]
     if sae_base:
         out.update(sae_statistics())
     model.train()

@@ -175,7 +175,9 @@ def test_quantize_and_pooled_pearson():
                          {'dead': False, 'score': None, 'failed': True}, {'dead': True, 'score': None}],
                      1: [{'dead': False, 'score': 0.2, 'no_digit': 3}]}, n_layer=2)
     assert s['layers'][0] == {'mean': pytest.approx(30.0), 'std': pytest.approx(20.0), 'scored': 2, 'undefined': 0,
-                              'dead': 1, 'failed': 1, 'hard': 1, 'no_digit_slots': 0}     # failed is not undefined
+                              'dead': 1, 'failed': 1, 'hard': 1, 'no_digit_slots': 0,     # failed is not undefined
+                              'ci': [10.0, 50.0]}                                         # resamples: 10, 30 or 50
+    assert s['model']['ci'] == [15.0, 35.0] and s['model']['ci_excl_last'] == [10.0, 50.0]
     assert s['layers'][1]['no_digit_slots'] == 3
     assert s['model']['mean'] == pytest.approx(25.0) and s['model']['var'] == pytest.approx(25.0)
     assert s['model']['mean_excl_last'] == pytest.approx(30.0)
