@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -1535,6 +1536,10 @@ def benchmark(model, stream, sizes, layer_ids, cols, dev, autocast, rounds=3):
           f"recording{mem}")
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == '__main__':
     try:
         if sys.argv[1:2] == ['--compare']:
@@ -1543,6 +1548,9 @@ if __name__ == '__main__':
             print(compare(sys.argv[2:]))
         else:
             globals().update(configure(script_defaults(globals()), sys.argv[1:]))
+            # asyncio.run (3.11+) turns Ctrl-C into a cancellation of its task, which a client library deep in a
+            # request can swallow, and the run then goes on; a handler of our own keeps it a KeyboardInterrupt
+            signal.signal(signal.SIGINT, interrupt)
             main()
     except InterpretError as e:
         print(f"error: {e}", file=sys.stderr)
