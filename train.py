@@ -731,7 +731,8 @@ while True:
         dt, t0, timed_iters = (t1 - t0) / timed_iters, t1, 0
         if master:
             mfu = f", mfu {flops_per_iter / dt / peak * 100:.1f}%" if peak else ""
-            evals_left = max_iters // eval_interval - iter_num // eval_interval + (max_iters % eval_interval > 0)
+            # evaluations still to run, the one at this very iteration included (it runs after this line)
+            evals_left = max_iters // eval_interval - (iter_num - 1) // eval_interval + (max_iters % eval_interval > 0)
             eta = (max_iters - iter_num) * dt + evals_left * eval_seconds
             left = f"{eta / 3600:.1f} h" if eta >= 3600 else f"{eta / 60:.1f} min"
             print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
