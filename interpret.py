@@ -1202,45 +1202,45 @@ def compare(folders):
         if not os.path.exists(path):
             raise InterpretError(f"{path} not found: run interpret.py on that checkpoint first")
         with open(path) as fh:
-            runs.append((f, json.load(fh)))
-    cols = ['top_and_random', 'random_only', 'anthropic']
-    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- |']
-
-    def figure(s):   # the paper leaves out the last layer at 6L and 12L
-        return ('mean_excl_last', 'ci_excl_last') if s['model']['n_layer'] >= 6 else ('mean', 'ci')
-
-    for f, s in runs:
-        key, ci = figure(s)
-        cells = [fmt(s['methods'].get(c, {}).get('model', {}).get(key), s['methods'].get(c, {}).get('model', {}).get(ci))
-                 for c in cols]
-        lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
-                     f"{s['simulator_label']} | " + ' | '.join(cells) + ' |')
-
-    def replicates(i, folder, s, method):
-        per_layer = {l: [] for l in s['layer_ids']}
-        with open(os.path.join(folder, 'neurons.jsonl')) as fh:
+            s = json.load(fh)
+        per_method = {}              # {method: {layer: [scores]}}, for the intervals of the differences
+        with open(os.path.join(f, 'neurons.jsonl')) as fh:
             for row in map(json.loads, fh):
-                if method in row['scores']:
-                    per_layer[row['layer']].append(row['scores'][method])
+                for m, sc in row['scores'].items():
+                    per_method.setdefault(m, {l: [] for l in s['layer_ids']})[row['layer']].append(sc)
+        runs.append((f, s, per_method))
+    cols = ['top_and_random', 'random_only', 'anthropic']
+
+    def figure(s, method):   # (mean, interval); the paper leaves out the last layer at 6L and 12L
+        m = s['methods'].get(method, {}).get('model', {})
+        return (m.get('mean_excl_last'), m.get('ci_excl_last')) if s['model']['n_layer'] >= 6 else (m.get('mean'), m.get('ci'))
+
+    def replicates(i, s, per_layer):
         n = s['model']['n_layer']
         return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1], key=i)
 
+    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for f, s, _ in runs:
+        lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
+                     f"{s['simulator_label']} | " + ' | '.join(fmt(*figure(s, c)) for c in cols) + ' |')
     pairs = [((i, *a), (j, *b)) for i, a in enumerate(runs) for j, b in enumerate(runs)
              if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
              and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]
-    for (i, fa, a), (j, fb, b) in pairs:
+    for (i, fa, a, sa), (j, fb, b, sb) in pairs:
         lines.append(f"\nCRATE {fa} - GPT-2 {fb} (95% intervals, bootstrap over neurons):")
         for c in cols:
-            x, y = a['methods'].get(c, {}).get('model', {}).get(figure(a)[0]), b['methods'].get(c, {}).get('model', {}).get(figure(b)[0])
+            x, y = figure(a, c)[0], figure(b, c)[0]
             if x is None or y is None:
                 lines.append(f"- {c}: –")
                 continue
-            rx, ry = replicates(i, fa, a, c), replicates(j, fb, b, c)
-            rel = f"{100 * (x / y - 1):+.0f}% [{100 * np.percentile(rx / ry - 1, 2.5):+.0f}%, " \
-                  f"{100 * np.percentile(rx / ry - 1, 97.5):+.0f}%]" if y > 0 and (ry > 0).all() else '–'
-            lines.append(f"- {c}: difference {x - y:+.2f} [{np.percentile(rx - ry, 2.5):+.2f}, "
-                         f"{np.percentile(rx - ry, 97.5):+.2f}], relative {rel}")
+            rx, ry = replicates(i, a, sa[c]), replicates(j, b, sb[c])
+            lo, hi = interval(rx - ry)
+            rel = '–'
+            if y > 0 and (ry > 0).all():
+                rlo, rhi = interval(rx / ry - 1)
+                rel = f"{100 * (x / y - 1):+.0f}% [{100 * rlo:+.0f}%, {100 * rhi:+.0f}%]"
+            lines.append(f"- {c}: difference {x - y:+.2f} [{lo:+.2f}, {hi:+.2f}], relative {rel}")
     return '\n'.join(lines)
 
 

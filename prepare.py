@@ -254,74 +254,74 @@ def prepare(args, hub_docs=hub_documents):
             if json.load(f).get('settings') == settings:
                 print(f"{out_dir} is already prepared with these settings; nothing to do (--force to redo)")
                 return None
+    # disk: two bytes a token; a local source needs at most about as many bytes as its text
+    need = 2 * sum(b for b in budgets.values() if b is not None)
+    if args.files and None in budgets.values():
+        need += sum(os.path.getsize(f) for f in files)
+    there = out_dir
+    while not os.path.isdir(there):      # the folder may not exist yet: its nearest existing parent's disk
+        there = os.path.dirname(there) or '.'
+    free = shutil.disk_usage(there).free
+    if need > free:
+        raise PrepareError(f"{out_dir} has {free / 1e9:.1f} GB free but the budget needs about {need / 1e9:.1f} GB; "
+                           f"free space or lower --train_tokens")
+
+    gpt2_tokenizer()  # fail here, before any file is touched
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    tmp = {s: os.path.join(out_dir, f'{s}.bin.tmp') for s in ('train', 'val')}
+    counts = {s: {'tokens': 0, 'documents': 0} for s in ('train', 'val')}
+    skipped = {'n': 0}    # records whose text is null or not a string: skipped, counted, reported
+    t0 = time.time()
     try:
-        # disk: two bytes a token; a local source needs at most about as many bytes as its text
-        need = 2 * sum(b for b in budgets.values() if b is not None)
-        if args.files and None in budgets.values():
-            need += sum(os.path.getsize(f) for f in files)
-        free = shutil.disk_usage(out_dir).free
-        if need > free:
-            raise PrepareError(f"{out_dir} has {free / 1e9:.1f} GB free but the budget needs about {need / 1e9:.1f} GB; "
-                               f"free space or lower --train_tokens")
-
-        gpt2_tokenizer()  # fail here, before any file is touched
-        tmp = {s: os.path.join(out_dir, f'{s}.bin.tmp') for s in ('train', 'val')}
-        counts = {s: {'tokens': 0, 'documents': 0} for s in ('train', 'val')}
-        skipped = {'n': 0}    # records whose text is null or not a string: skipped, counted, reported
-        t0 = time.time()
-        try:
-            for f in tmp.values():
-                open(f, 'wb').close()
-            if args.files:
-                docs = local_documents(files, args.split_by, args.text_field, skipped)
-                route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
-                nbytes = tokenize_into(docs, route, budgets, out_dir, args.num_proc, counts)
+        for f in tmp.values():
+            open(f, 'wb').close()
+        if args.files:
+            docs = local_documents(files, args.split_by, args.text_field, skipped)
+            route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
+            nbytes = tokenize_into(docs, route, budgets, out_dir, args.num_proc, counts)
+        else:
+            _, _, train_split, val_split, _ = HUB[args.dataset]
+            texts = lambda split: (field(rec, 'text', f"{args.dataset} {split} record {i}", skipped)
+                                   for i, rec in enumerate(hub_docs(args.dataset, split)))
+            if val_split:
+                nbytes = tokenize_into(texts(val_split), lambda t: 'val', {'val': budgets['val']},
+                                       out_dir, args.num_proc, counts)
+                nbytes += tokenize_into(texts(train_split), lambda t: 'train',
+                                        {'train': budgets['train']}, out_dir, args.num_proc, counts)
             else:
-                _, _, train_split, val_split, _ = HUB[args.dataset]
-                texts = lambda split: (field(rec, 'text', f"{args.dataset} {split} record {i}", skipped)
-                                       for i, rec in enumerate(hub_docs(args.dataset, split)))
-                if val_split:
-                    nbytes = tokenize_into(texts(val_split), lambda t: 'val', {'val': budgets['val']},
-                                           out_dir, args.num_proc, counts)
-                    nbytes += tokenize_into(texts(train_split), lambda t: 'train',
-                                            {'train': budgets['train']}, out_dir, args.num_proc, counts)
-                else:
-                    route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
-                    nbytes = tokenize_into(texts(train_split), route, budgets, out_dir, args.num_proc, counts)
-            for s in ('train', 'val'):
-                if counts[s]['tokens'] == 0:
-                    hint = (" (every document went to train: add documents, use --split_by paragraph or raise "
-                            "--val_fraction)" if s == 'val' and counts['train']['tokens'] else "")
-                    raise PrepareError(f"the {s} split is empty: the source gave it no text{hint}")
-            # finished: swap the new files in, meta.json last so that it only ever describes complete files
-            if os.path.exists(meta_path):
-                os.remove(meta_path)
-            for s in ('train', 'val'):
-                os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
-        except Offline as e:
-            raise PrepareError(f"{e} --name={name}" + (f" --out_dir={args.out_dir}" if args.out_dir else ""))
-        finally:
-            for f in tmp.values():
-                if os.path.exists(f):
-                    os.remove(f)
-        seconds = time.time() - t0
-        meta = {'settings': settings, 'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT, 'dtype': 'uint16',
-                'splits': counts, 'skipped_records': skipped['n'], 'text_bytes': nbytes, 'seconds': round(seconds, 2), 'num_proc': args.num_proc,
-                'command': ' '.join(['python', 'prepare.py'] + sys.argv[1:])}
-        with open(meta_path + '.tmp', 'w') as f:
-            json.dump(meta, f, indent=2)
-        os.replace(meta_path + '.tmp', meta_path)
-        print(f"wrote {out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
-              f"val {counts['val']['tokens']:,} tokens ({counts['val']['documents']:,} documents); "
-              f"{nbytes / 1e6:.1f} MB of text in {seconds:.1f} s = {nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
-        if skipped['n']:
-            print(f"skipped {skipped['n']:,} records whose text is null or not a string (the first: {skipped['first']})")
-    except BaseException:
+                route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
+                nbytes = tokenize_into(texts(train_split), route, budgets, out_dir, args.num_proc, counts)
+        for s in ('train', 'val'):
+            if counts[s]['tokens'] == 0:
+                hint = (" (every document went to train: add documents, use --split_by paragraph or raise "
+                        "--val_fraction)" if s == 'val' and counts['train']['tokens'] else "")
+                raise PrepareError(f"the {s} split is empty: the source gave it no text{hint}")
+        # finished: swap the new files in, meta.json last so that it only ever describes complete files
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        for s in ('train', 'val'):
+            os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
+    except Offline as e:
+        raise PrepareError(f"{e} --name={name}" + (f" --out_dir={args.out_dir}" if args.out_dir else ""))
+    finally:
+        for f in tmp.values():
+            if os.path.exists(f):
+                os.remove(f)
         if created and not os.listdir(out_dir):   # a failed first run leaves no empty folder behind
             os.rmdir(out_dir)
-        raise
+    seconds = time.time() - t0
+    meta = {'settings': settings, 'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': EOT, 'dtype': 'uint16',
+            'splits': counts, 'skipped_records': skipped['n'], 'text_bytes': nbytes, 'seconds': round(seconds, 2),
+            'num_proc': args.num_proc, 'command': ' '.join(['python', 'prepare.py'] + sys.argv[1:])}
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + '.tmp', meta_path)
+    print(f"wrote {out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
+          f"val {counts['val']['tokens']:,} tokens ({counts['val']['documents']:,} documents); "
+          f"{nbytes / 1e6:.1f} MB of text in {seconds:.1f} s = {nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
+    if skipped['n']:
+        print(f"skipped {skipped['n']:,} records whose text is null or not a string (the first: {skipped['first']})")
     return meta
 
 

@@ -185,10 +185,9 @@ def check_tokens(f, largest):
 
 
 def batch_at(data, offsets):
-    x = np.stack([data[i:i + block_size].astype(np.int64) for i in offsets])
-    y = np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in offsets])
-    check_tokens(data.filename, int(max(x.max(), y.max())))   # cheap next to a forward; a too-large id would crash it
-    return to_device(torch.from_numpy(x), torch.from_numpy(y))
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in offsets]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in offsets]))
+    return to_device(x, y)
 
 
 def train_batches():
@@ -441,7 +440,7 @@ model.to(device)
 raw_model = model
 vocab_limit = (raw_model.base if sae_base else raw_model).config.vocab_size
 meta_file = os.path.join(data_path, 'meta.json')
-if os.path.exists(meta_file):     # prepare.py's files name their vocabulary; others are scanned once
+if os.path.exists(meta_file):     # before any batch: prepare.py's files name their vocabulary, others are scanned
     with open(meta_file) as fh:
         check_tokens(meta_file, json.load(fh).get('vocab_size', 1) - 1)
 else:
