@@ -8,7 +8,7 @@ How interpretable are a model's neurons? The automated explain -> simulate -> sc
    for each selected neuron, the excerpts of each protocol with its activation on every token.
 2. Explain each neuron from its explanation set, simulate its activations on the scoring set from that
    explanation, and score the simulation: the Pearson correlation with the true activations, pooled over tokens.
-3. Report: neurons.jsonl, summary.json, summary.md and report.html in <out>.
+3. Report: neurons.jsonl, summary.json, summary.md and report.html in <out> (written by report.py).
 
 Protocols (record indices within a neuron's excerpts):
     OpenAI (N = 8000, 64-token excerpts [pos-32, pos+32)): 50 top positions, then 50 uniformly random ones.
@@ -26,20 +26,21 @@ such in every report; it is not the paper's LLM metric.
 
 import asyncio
 import hashlib
-import html
 import json
 import math
 import os
 import re
 import signal
 import sys
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import configure, load_model, model_name, pick_device, script_defaults
+from configurator import configure, fail, mixed_precision, pick_device, script_defaults
+from model import load_model, model_name
+from prepare import PrepareError, gpt2_tokenizer
+from report import compare, markdown, summarize, write_report
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
@@ -69,7 +70,6 @@ bad_answer_retries = 2       # an empty explanation or a malformed simulation is
 max_no_digit = 0.1           # all-at-once: a neuron whose slots had no 0-10 digit among their top-k this often fails
 resume = True                # keep the neurons a killed run finished
 dry_run = False              # print how many requests and tokens a run would use, and stop
-bench = False                # time a plain forward pass against the recording pass and exit
 device = 'auto'
 dtype = 'float32'            # 'float32' or 'bfloat16' (recording)
 # -----------------------------------------------------------------------------------------------------------
@@ -93,8 +93,39 @@ METHODS = {'openai': ['top_and_random', 'random_only'], 'anthropic': ['anthropic
 class InterpretError(Exception):
     pass
 
+# --- what to interpret ---------------------------------------------------------------------------------------------
 
-# --- recording ------------------------------------------------------------------------------------------------
+
+def numbers(text):
+    """'5,41,300' (or '41') -> [5, 41, 300]; anything else is the user's mistake, said in one line."""
+    try:
+        return sorted({int(x) for x in text.split(',') if x.strip()}) or None
+    except ValueError:
+        return None
+
+
+def pick_neurons(cfg, layers, neurons, seed):
+    """The layers and, per layer, the neurons to interpret, from --layers and --neurons."""
+    layer_ids = list(range(cfg.n_layer)) if layers == 'all' else numbers(str(layers))
+    if not layer_ids or not all(0 <= l < cfg.n_layer for l in layer_ids):
+        raise InterpretError(f"--layers={layers}: give 'all' or layer numbers 0..{cfg.n_layer - 1} separated by commas")
+    h, spec = cfg.hidden, str(neurons)
+    if spec == 'all':
+        return layer_ids, {l: list(range(h)) for l in layer_ids}
+    if spec.startswith('random:'):
+        k = numbers(spec[7:])
+        if not k or len(k) > 1 or not 0 < k[0] <= h:
+            raise InterpretError(f"--neurons={spec}: write random:K with K from 1 to {h}, e.g. random:200")
+        return layer_ids, {l: sorted(np.random.default_rng([seed, 3, l]).choice(h, k[0], replace=False).tolist())
+                           for l in layer_ids}
+    chosen = numbers(spec)
+    if not chosen or not all(0 <= j < h for j in chosen):
+        raise InterpretError(f"--neurons={spec}: give 'all', neuron numbers 0..{h - 1} separated by commas (e.g. 41 "
+                             f"or 5,41,300), or random:K for K random neurons per layer")
+    return layer_ids, {l: chosen for l in layer_ids}
+
+# --- 1. record: one forward pass, every protocol, layer and neuron at once -----------------------------------------
+
 
 def read_stream(data_dir, n_seq, T):
     """The first n_seq non-overlapping length-T sequences of val.bin, (n, T) int64."""
@@ -108,7 +139,7 @@ def read_stream(data_dir, n_seq, T):
     return np.asarray(val[:n * T], dtype=np.int64).reshape(n, T)
 
 
-def forward_neurons(model, seqs, device, autocast):
+def forward_neurons(model, seqs, device, autocast, batch_size):
     """Yield (first sequence index, [per-layer neurons (B, T, h)]) over seqs in batches."""
     for i in range(0, len(seqs), batch_size):
         x = torch.from_numpy(seqs[i:i + batch_size]).to(device)
@@ -124,12 +155,12 @@ def window_positions(pos, protocol, P):
     return np.where((w >= 0) & (w < P), w, -1)
 
 
-def random_positions(P, k, *key):
+def random_positions(P, k, seed, *key):
     """k distinct uniform positions, seeded by (seed, *key) so that every neuron has its own."""
     return np.random.default_rng([seed, *key]).choice(P, size=k, replace=False)
 
 
-def top_and_random(P, T, layer_ids, cols, dev, protocol, key, n_random=RAND):
+def top_and_random(P, T, layer_ids, cols, dev, protocol, seed, key, n_random=RAND):
     """A recorder of one protocol's top-k and random excerpts over a stream of P positions, fed batch by batch:
     add(first position, {layer: (positions, neurons) activations of the selected neurons}), then finish() -> records.
     Memory does not grow with P: per neuron a running top-k on the device with each entry's excerpt, plus the
@@ -142,7 +173,7 @@ def top_and_random(P, T, layer_ids, cols, dev, protocol, key, n_random=RAND):
     state = {}
     for l in layer_ids:
         n = len(cols[l])
-        rand = np.stack([random_positions(P, min(n_random, P), key, l, j) for j in cols[l]])
+        rand = np.stack([random_positions(P, min(n_random, P), seed, key, l, j) for j in cols[l]])
         by_pos = np.argsort(rand, axis=None, kind='stable')    # random entries in stream order, sliced per batch
         state[l] = {'vals': torch.full((k, n), -float('inf'), device=dev),
                     'pos': torch.zeros((k, n), dtype=torch.long, device=dev),
@@ -252,6 +283,8 @@ def top_and_random(P, T, layer_ids, cols, dev, protocol, key, n_random=RAND):
 QUANT_BITS, MAG_LO, MAG_HI = 4, -20, 12
 MAG_BINS = ((MAG_HI - MAG_LO) << QUANT_BITS) + 2          # per sign, the two end bins included
 NBINS = 2 * MAG_BINS + 1
+
+
 # The band items are drawn from a pool of POOL uniformly random positions per neuron, recorded with their excerpts in
 # the same pass: each lands in a band with probability 1/12, so a band holds 75 of them on average, and fewer than
 # BAND_ITEMS with probability 1.9e-15 (binomial, 900, 1/12). A band's items, drawn uniformly from the pool positions
@@ -277,7 +310,7 @@ def count_bins(counts, a, chunk=128):
         counts[j * NBINS:(j + len(b)) * NBINS] += torch.bincount((b + offset).view(-1), minlength=len(b) * NBINS)
 
 
-def band_items(hist, pool_pos, pool_vals, P, l, neurons):
+def band_items(hist, pool_pos, pool_vals, P, l, neurons, seed):
     """Per neuron, BANDS x BAND_ITEMS indices into its pool: BAND_ITEMS drawn uniformly from the pool positions that
     fall in each of the 11 bands below the top twelfth of its values ranked high to low (hist: (n, NBINS) counts over
     all P positions). A pool position's rank is uniform among its bin's ranks, distinct ones within a bin that
@@ -306,25 +339,36 @@ def band_items(hist, pool_pos, pool_vals, P, l, neurons):
     return out
 
 
-def record(model, stream, sizes, layer_ids, cols, dev, autocast, stats):
+def update_stats(s, a):
+    """Accumulate LLM-free statistics of one layer from (positions, h) float32 activations; nonzero counts those > 0."""
+    s['tokens'] = s.get('tokens', 0) + a.shape[0]
+    bits = a.view(torch.int32)   # a float is > 0 exactly when its bits as an int32 are; faster than a > 0
+    count = torch.int32 if bits.numel() < 2**31 else torch.int64
+    s['nonzero'] = s.get('nonzero', 0) + bits.clamp(0, 1).sum(dtype=count).item()
+
+
+def record(model, stream, sizes, layer_ids, cols, dev, autocast, batch_size=8, seed=0):
     """Every protocol's records, all layers and neurons at once, in one forward pass over the longest protocol's
     prefix of the stream (sizes: {protocol: sequences}), each protocol fed its own prefix: the OpenAI top and random
     excerpts; the Anthropic top and random excerpts, a pool of random excerpts for its bands, and each neuron's
-    histogram of binned values, from which the bands are cut at the end."""
+    histogram of binned values, from which the bands are cut at the end. Returns the records,
+    {protocol: {layer: {'pos', 'win', 'acts'}}}, and per layer the counts of every neuron's values (not only the
+    selected ones): tokens, values > 0, and which neurons were ever > 0."""
     T, hidden = stream.shape[1], model.config.hidden
     if batch_size * T < max(WINDOW['openai']):
         raise InterpretError(f"batch_size x seq_len must be at least {max(WINDOW['openai'])} tokens")
     n_anth = sizes.get('anthropic', 0)
     if n_anth and n_anth * T < 12 * BAND_ITEMS:
         raise InterpretError(f"the Anthropic protocol needs at least {12 * BAND_ITEMS} tokens; raise --n_anthropic")
-    recorders = {'openai': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'openai', 0),
-                 'anthropic': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'anthropic', 2, RAND + POOL)}
+    recorders = {'openai': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'openai', seed, 0),
+                 'anthropic': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'anthropic', seed, 2,
+                                                       RAND + POOL)}
     recorders = {p: recorders[p](n) for p, n in sizes.items()}
     pick = {l: None if len(cols[l]) == hidden else torch.as_tensor(cols[l], device=dev) for l in layer_ids}
     hists = {l: torch.zeros(len(cols[l]) * NBINS, dtype=torch.long, device=dev) for l in layer_ids} if n_anth else {}
-    n1 = max(sizes.values())
-    for i, acts in tqdm(forward_neurons(model, stream[:n1], dev, autocast), total=math.ceil(n1 / batch_size),
-                        desc='records', unit='batch', file=sys.stderr):
+    n1, stats = max(sizes.values()), {l: {} for l in layer_ids}
+    batches = forward_neurons(model, stream[:n1], dev, autocast, batch_size)
+    for i, acts in tqdm(batches, total=math.ceil(n1 / batch_size), desc='records', unit='batch', file=sys.stderr):
         sel = {}
         for l in layer_ids:
             full = acts[l].float().reshape(-1, hidden)
@@ -345,46 +389,32 @@ def record(model, stream, sizes, layer_ids, cols, dev, autocast, stats):
         for l in layer_ids:
             r, k = records['anthropic'][l], TOP + RAND
             pool = band_items(hists[l].view(len(cols[l]), NBINS).cpu().numpy(), r['pos'][:, k:],
-                              r['acts'][:, k:, before], n_anth * T, l, cols[l])
+                              r['acts'][:, k:, before], n_anth * T, l, cols[l], seed)
             rows = np.arange(len(cols[l]))[:, None]
             r['pos'] = np.concatenate([r['pos'][:, :k], r['pos'][:, k:][rows, pool]], 1)
             r['acts'] = np.concatenate([r['acts'][:, :k], r['acts'][:, k:][rows, pool]], 1)
     return {p: {l: {'pos': r['pos'], 'win': window_positions(r['pos'], p, sizes[p] * T), 'acts': r['acts']}
-                for l, r in recs.items()} for p, recs in records.items()}
+                for l, r in recs.items()} for p, recs in records.items()}, stats
 
 
-def record_openai(model, seqs, layer_ids, cols, dev, autocast, stats):
-    """The OpenAI records alone: {layer: {'pos', 'win', 'acts'}}."""
-    return record(model, seqs, {'openai': len(seqs)}, layer_ids, cols, dev, autocast, stats)['openai']
-
-
-def record_anthropic(model, seqs, layer_ids, cols, dev, autocast, stats):
-    """The Anthropic records alone: top 50, random 50, then the 11 bands of 20."""
-    return record(model, seqs, {'anthropic': len(seqs)}, layer_ids, cols, dev, autocast,
-                  stats if stats is not None else {l: {} for l in layer_ids})['anthropic']
-
-
-def update_stats(s, a):
-    """Accumulate LLM-free statistics of one layer from (positions, h) float32 activations; nonzero counts those > 0."""
-    s['tokens'] = s.get('tokens', 0) + a.shape[0]
-    bits = a.view(torch.int32)   # a float is > 0 exactly when its bits as an int32 are; faster than a > 0
-    count = torch.int32 if bits.numel() < 2**31 else torch.int64
-    s['nonzero'] = s.get('nonzero', 0) + bits.clamp(0, 1).sum(dtype=count).item()
-
-
-def save_records(folder, l, cols, recs, tokens):
-    arrays = {'neurons': np.asarray(cols)}
+def record_arrays(cols, recs, stream):
+    """One layer's records as the arrays the scoring reads and records_L{layer}.npz keeps: per protocol the positions,
+    the excerpts' token ids (-1 beyond the stream) and their activations."""
+    arrays, flat = {'neurons': np.asarray(cols)}, stream.reshape(-1)
     for p, r in recs.items():
-        flat = tokens.reshape(-1)
         arrays[f'{p}_pos'] = r['pos']
         arrays[f'{p}_tokens'] = np.where(r['win'] >= 0, flat[np.maximum(r['win'], 0)], -1).astype(np.int32)
         arrays[f'{p}_acts'] = r['acts']
+    return arrays
+
+
+def save_records(folder, l, arrays):
     tmp = os.path.join(folder, f'records_L{l}.tmp.npz')
     np.savez(tmp, **arrays)
     os.replace(tmp, os.path.join(folder, f'records_L{l}.npz'))
 
+# --- 2. explain and simulate: a neuron's excerpts, the token-lookup baseline, and the LLM roles --------------------
 
-# --- scoring --------------------------------------------------------------------------------------------------
 
 def excerpts(rec, protocol, items, n):
     """[(token ids, activations)] of neuron row n for record items (ints, or 'ooc:i' for the 3 tokens around
@@ -408,120 +438,42 @@ def quantize(a, m):
     return np.floor(10 * np.maximum(a, 0) / m).astype(np.int64).clip(0, 10)
 
 
-def pearson(x, y):
-    """Pearson correlation of the pooled values, or None when either side is constant."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    dx, dy = x - x.mean(), y - y.mean()
-    den = math.sqrt((dx * dx).sum() * (dy * dy).sum())
-    return None if den == 0 or not math.isfinite(den) else float((dx * dy).sum() / den)
+class TokenTable(dict):
+    """A token-lookup explanation, {token id: mean 0-10 activation}, shown as its five highest entries."""
+
+    def __init__(self, table, decode):
+        super().__init__(table)
+        top = sorted(table.items(), key=lambda kv: -kv[1])[:5]
+        self.text = 'tokens: ' + ', '.join(f"{decode([t])!r} {v:.1f}" for t, v in top)
+
+    def __str__(self):
+        return self.text
 
 
-def explain_tokens(expl, m):
-    """Token-lookup baseline explanation: the mean 0-10 activation of each token id in the explanation set."""
-    sums, counts = {}, {}
-    for toks, a in expl:
-        for t, q in zip(toks, quantize(a, m)):
-            sums[t] = sums.get(t, 0) + int(q)
-            counts[t] = counts.get(t, 0) + 1
-    return {t: sums[t] / counts[t] for t in sums}
+class TokenLookup:
+    """The offline baseline in the LLM's place (--simulator=tokens). Its explanation of a neuron is the mean 0-10
+    activation of each token id in the explanation set; its simulation looks each token up (0 if unseen). It
+    measures how much of a neuron's activity the token's identity alone predicts: not the paper's LLM metric."""
 
+    label = 'token-lookup baseline, not the LLM metric'
+    max_no_digit = 0.0          # it predicts a value at every token
 
-def simulate_tokens(table, scoring):
-    return [np.array([table.get(t, 0.0) for t in toks]) for toks, _ in scoring]
+    async def explain(self, expl, m, decode):
+        sums, counts = {}, {}
+        for toks, a in expl:
+            for t, q in zip(toks, quantize(a, m)):
+                sums[t] = sums.get(t, 0) + int(q)
+                counts[t] = counts.get(t, 0) + 1
+        return TokenTable({t: sums[t] / counts[t] for t in sums}, decode)
 
+    async def simulate(self, table, scoring, decode):
+        return [np.array([table.get(t, 0.0) for t in toks]) for toks, _ in scoring], False, 0
 
-async def score_neuron(rec, n, protocol, decode, llm):
-    """Explain, simulate and score one neuron under every scoring method of a protocol. The scoring methods of
-    one protocol share the explanation (and identical requests are answered once, from the cache)."""
-    out, explanation = {}, None
-    for method in METHODS[protocol]:
-        _, expl_items, score_items = SETS[method]
-        expl = excerpts(rec, protocol, expl_items, n)
-        m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
-        if not m > 0:
-            out[method] = {'dead': True, 'score': None, 'explanation': None}
-            continue
-        scoring = excerpts(rec, protocol, score_items, n)
-        hard = False
-        if llm is None:
-            table = explain_tokens(expl, m)
-            top = sorted(table.items(), key=lambda kv: -kv[1])[:5]
-            explanation = 'tokens: ' + ', '.join(f"{decode([t])!r} {v:.1f}" for t, v in top)
-            preds = simulate_tokens(table, scoring)
-        else:
-            explanation = explanation or await llm.explain(expl, m, decode)
-            sim = await simulate(llm, explanation, scoring, decode) if explanation else None
-            if sim is None:
-                out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
-                               'explanation': explanation, 'failure': 'explanation' if not explanation else 'simulation'}
-                continue
-            preds, hard, no_digit = sim
-            slots = sum(len(p) for p in preds)
-            if no_digit > max_no_digit * slots:          # not zeros: the simulator did not answer with a value
-                out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
-                               'explanation': explanation, 'no_digit': no_digit,
-                               'failure': f'no digit among the top-k at {no_digit} of {slots} slots'}
-                continue
-        true, pred = np.concatenate([a for _, a in scoring]), np.concatenate(preds)
-        read = ~np.isnan(pred)                            # slots without a digit leave the correlation
-        score = pearson(true[read], pred[read])
-        out[method] = {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m, 'hard': hard,
-                       'explanation': explanation, 'no_digit': int((~read).sum()),
-                       'show': [(toks, a.tolist(), p.tolist()) for (toks, a), p in zip(scoring[:3], preds[:3])]}
-    return out
-
-
-BOOT = 2000                  # bootstrap replicates for the 95% intervals
-
-
-def defined_scores(items):
-    return [s['score'] for s in items if not s['dead'] and s['score'] is not None]
-
-
-def bootstrap(per_layer_scores, layers, key=0):
-    """BOOT replicates of the mean over `layers` of each layer's mean score x100, the neurons resampled with
-    replacement within each layer (seeded by key); None where no layer has a score."""
-    rng = np.random.default_rng([BOOT, key])
-    reps = [100 * np.asarray(s)[rng.integers(0, len(s), (BOOT, len(s)))].mean(1)
-            for s in (defined_scores(per_layer_scores[l]) for l in layers) if s]
-    return np.mean(reps, 0) if reps else None
-
-
-def interval(reps):
-    """The 95% percentile interval of bootstrap replicates, or None."""
-    return None if reps is None else [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))]
-
-
-def summarize(per_layer_scores, n_layer):
-    """{layer: [score or None]} -> per layer mean/std x100 and counts, and the model's mean and population
-    variance across layers, with and without the model's last layer (n_layer - 1, where it was evaluated); each
-    mean with its 95% bootstrap interval over neurons."""
-    layers_out = {}
-    for l, items in per_layer_scores.items():
-        scored = defined_scores(items)
-        layers_out[l] = {'mean': 100 * float(np.mean(scored)) if scored else None,
-                         'ci': interval(bootstrap(per_layer_scores, [l])),
-                         'std': 100 * float(np.std(scored)) if scored else None,
-                         'scored': len(scored),   # undefined: a constant side; failed: no usable answer
-                         'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None and not s.get('failed')),
-                         'dead': sum(1 for s in items if s['dead']), 'failed': sum(1 for s in items if s.get('failed')),
-                         'hard': sum(1 for s in items if s.get('hard')),
-                         'no_digit_slots': sum(s.get('no_digit', 0) for s in items)}
-    means = [v['mean'] for v in layers_out.values() if v['mean'] is not None]
-    but_last = [l for l in per_layer_scores if l != n_layer - 1]
-    all_but_last = [layers_out[l]['mean'] for l in but_last if layers_out[l]['mean'] is not None]
-    model = {'mean': float(np.mean(means)) if means else None, 'ci': interval(bootstrap(per_layer_scores, list(per_layer_scores))),
-             'var': float(np.var(means)) if means else None,
-             'mean_excl_last': float(np.mean(all_but_last)) if all_but_last else None,
-             'ci_excl_last': interval(bootstrap(per_layer_scores, but_last)),
-             'var_excl_last': float(np.var(all_but_last)) if all_but_last else None}
-    return {'layers': layers_out, 'model': model}
-
-
-# --- the LLM roles: explainer and simulators through any OpenAI-compatible server ------------------------------
+# --- the LLM roles: explainer and simulators through any OpenAI-compatible server ----------------------------------
 # The prompts follow the structure of OpenAI's automated-interpretability as the paper ran it (instructions, a fixed
 # block of few-shot example neurons, then the neuron under test), with our own wording and our own examples. The
 # few-shot block comes first and is the same in every request, so that a server's prefix cache can reuse it.
+
 
 EXPLANATION_PREFIX = 'the main thing this neuron does is find'
 INSTRUCTIONS = (
@@ -534,6 +486,8 @@ SIMULATOR_TASK = (" Given a neuron's explanation, predict its activation on each
                   "activation to predict.")
 CHAT_SIMULATOR_TASK = (" Given a neuron's explanation and a list of tokens, answer with the activation of each token "
                        "as JSON only: {\"activations\": [one integer per token]}.")
+
+
 # Example neurons, written for this project: (explanation, excerpts of (token, activation 0-10)).
 FEW_SHOT = [
     ('days of the week, most strongly when they name a day of a meeting or event', [
@@ -674,6 +628,22 @@ def parse_activations(text, n):
     return values if ok else None
 
 
+class BadAnswer(Exception):
+    """An answer that cannot be used (malformed, inconsistent, refused for this request only): it fails that
+    request, after bounded retries the neuron, never the run, and it is not cached."""
+
+
+def valid_alternatives(alts):
+    """{token: logprob} of an answer's alternatives that are what logprobs must be: a string and a finite
+    number <= 0 (anything else, a server's NaN, 1e308 or a string, is dropped)."""
+    if isinstance(alts, list):
+        alts = {a.get('token'): a.get('logprob') for a in alts if isinstance(a, dict)}
+    if not isinstance(alts, dict):
+        return {}
+    return {t: float(lp) for t, lp in alts.items() if isinstance(t, str) and isinstance(lp, (int, float))
+            and not isinstance(lp, bool) and math.isfinite(lp) and lp <= 1e-6}
+
+
 VALUES = {str(v) for v in range(11)}
 
 
@@ -685,8 +655,6 @@ def digit_probs(alts):
         if s in VALUES:
             probs[int(s)] = probs.get(int(s), 0.0) + math.exp(lp)
     return probs
-
-
 
 
 def expected_value(probs, ten_given_one=0.0):
@@ -779,28 +747,14 @@ def at_offsets(tokens, offsets):
     return [by_start.get(o) for o in offsets]
 
 
-class BadAnswer(Exception):
-    """An answer that cannot be used (malformed, inconsistent, refused for this request only): it fails that
-    request, after bounded retries the neuron, never the run, and it is not cached."""
-
-
-def valid_alternatives(alts):
-    """{token: logprob} of an answer's alternatives that are what logprobs must be: a string and a finite
-    number <= 0 (anything else, a server's NaN, 1e308 or a string, is dropped)."""
-    if isinstance(alts, list):
-        alts = {a.get('token'): a.get('logprob') for a in alts if isinstance(a, dict)}
-    if not isinstance(alts, dict):
-        return {}
-    return {t: float(lp) for t, lp in alts.items() if isinstance(t, str) and isinstance(lp, (int, float))
-            and not isinstance(lp, bool) and math.isfinite(lp) and lp <= 1e-6}
-
-
 class LLM:
     """The two LLM roles, with a cache of every usable answer in llm_cache.jsonl (re-runs make no requests), a
     bound on the requests in flight that halves when requests time out, and the fallbacks servers need, learned
     from each role's first request, which goes alone."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, mode, base_url, explainer_model, simulator_model='', simulator_base_url='', api_key='',
+                 concurrency=16, max_retries=3, timeout=120.0, explainer_temperature=1.0, explainer_max_tokens=60,
+                 top_logprobs=5, bad_answer_retries=2, max_no_digit=0.1, seed=0):
         import openai
         self.openai = openai
         self.cache_path = os.path.join(folder, 'llm_cache.jsonl')
@@ -833,6 +787,9 @@ class LLM:
         self.clients = {role: openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=max_retries, timeout=timeout)
                         for role, u in self.urls.items()}
         self.limit, self.active, self.slots = concurrency, 0, asyncio.Condition()
+        self.mode, self.max_no_digit, self.seed, self.retries = mode, max_no_digit, seed, bad_answer_retries
+        self.temperature, self.max_tokens, self.top_logprobs = explainer_temperature, explainer_max_tokens, top_logprobs
+        self.label = f"explainer {self.models['explainer']}, simulator {self.models['simulator']} ({mode})"
         self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
         self.fmt = 'json_schema'              # json_schema -> json_object -> text, as far as the server goes
         self.limit_param = 'max_tokens'       # or max_completion_tokens, when a server refuses max_tokens
@@ -959,11 +916,11 @@ class LLM:
             if not text:
                 raise BadAnswer('an empty explanation')
             return text
-        for attempt in range(bad_answer_retries + 1):
+        for attempt in range(self.retries + 1):
             try:
                 return await self.chat('explainer', lambda system: explainer_messages(expl, m, decode, system), check,
-                                       attempt, max_tokens=explainer_max_tokens, temperature=explainer_temperature,
-                                       seed=seed + attempt)
+                                       attempt, max_tokens=self.max_tokens, temperature=self.temperature,
+                                       seed=self.seed + attempt)
             except BadAnswer:
                 continue
         return None
@@ -993,18 +950,18 @@ class LLM:
                         raise BadAnswer('the logprobs contradict the answer')
                     return np.array(expected, dtype=np.float64), False, 0
             return np.array(values, dtype=np.float64), True, 0
-        for attempt in range(bad_answer_retries + 1):
+        for attempt in range(self.retries + 1):
             try:
                 return await self.chat('simulator', lambda system: chat_simulator_messages(explanation, tokens, system),
                                        check, attempt, schema=n, max_tokens=8 * n + 40,
-                                       temperature=0 if attempt == 0 else 1.0, seed=seed + attempt)
+                                       temperature=0 if attempt == 0 else 1.0, seed=self.seed + attempt)
             except BadAnswer:
                 continue
         return None
 
     async def prompt_logprobs(self, prompt):
         """The prompt's echoed tokens with their top-k alternatives (an echo is not resampled: no retries)."""
-        k = simulator_top_logprobs
+        k = self.top_logprobs
 
         def check(r):
             try:
@@ -1041,372 +998,59 @@ class LLM:
         preds = np.array([expected_value(p, qi) if p else np.nan for p, qi in zip(probs, q)], dtype=np.float64)
         return preds, False, int(np.isnan(preds).sum())
 
+    async def simulate(self, explanation, scoring, decode):
+        """Predictions for every scoring excerpt (one request each), whether any is 'hard' (integers, no logprobs) and
+        how many slots had no digit among their alternatives (NaN there); None = failed."""
+        one = self.simulate_all_at_once if self.mode == 'all-at-once' else self.simulate_chat
+        results = await asyncio.gather(*(one(explanation, toks, decode) for toks, _ in scoring))
+        if any(r is None for r in results):
+            return None
+        return [p for p, _, _ in results], any(h for _, h, _ in results), sum(n for _, _, n in results)
 
-async def simulate(llm, explanation, scoring, decode):
-    """Predictions for every scoring excerpt (one request each), whether any is 'hard' (integers, no logprobs) and
-    how many slots had no digit among their alternatives (NaN there); None = failed."""
-    one = llm.simulate_all_at_once if simulator == 'all-at-once' else llm.simulate_chat
-    results = await asyncio.gather(*(one(explanation, toks, decode) for toks, _ in scoring))
-    if any(r is None for r in results):
-        return None
-    return [p for p, _, _ in results], any(h for _, h, _ in results), sum(n for _, _, n in results)
-
-
-# --- reports --------------------------------------------------------------------------------------------------
-
-def shade(toks, vals, top, decode, kind):
-    """Tokens shaded in 11 steps by value / top; kind 'a' (true, with the value on hover) or 's' (simulated)."""
-    spans = []
-    for t, v in zip(toks, vals):
-        level = 0 if not top or not v > 0 else min(10, round(10 * v / top))
-        text = html.escape(decode([t])).replace(chr(10), '⏎')
-        spans.append(f'<span class={kind}{level} title="{v:.3g}">{text}</span>' if kind == 'a' and level else
-                     f'<span class={kind}{level}>{text}</span>' if level else text)
-    return ''.join(spans)
+# --- 3. score: the correlation of simulated and true activations, every neuron, resumable --------------------------
 
 
-def histogram_svg(scores, width=300, height=60, bins=20):
-    counts, edges = np.histogram([s for s in scores if s is not None], bins=bins, range=(-1, 1))
-    top = max(1, counts.max())
-    bars = ''.join(f'<rect x="{i * width / bins:.1f}" y="{height - c / top * height:.1f}" width="{width / bins - 1:.1f}" '
-                   f'height="{c / top * height:.1f}" fill="#4a7"><title>{edges[i]:.1f}..{edges[i + 1]:.1f}: {c}</title></rect>'
-                   for i, c in enumerate(counts))
-    return (f'<svg width="{width}" height="{height + 14}"><line x1="{width / 2}" y1="0" x2="{width / 2}" y2="{height}" '
-            f'stroke="#999"/>{bars}<text x="0" y="{height + 12}" font-size="10">-1</text><text x="{width - 10}" '
-            f'y="{height + 12}" font-size="10">1</text></svg>')
+def pearson(x, y):
+    """Pearson correlation of the pooled values, or None when either side is constant."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx, dy = x - x.mean(), y - y.mean()
+    den = math.sqrt((dx * dx).sum() * (dy * dy).sum())
+    return None if den == 0 or not math.isfinite(den) else float((dx * dy).sum() / den)
 
 
-COLORS = ['#d62', '#26d', '#2a4', '#a2a', '#999', '#d92', '#2aa', '#666']
-
-
-def lines_svg(series, title, width=480, height=160):
-    """A line chart of {name: [(x, y)]}: axes from the data's ranges, labelled at their ends."""
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return ''
-    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
-    sx = lambda x: 40 + (x - x0) / ((x1 - x0) or 1) * (width - 50)
-    sy = lambda y: 10 + (y1 - y) / ((y1 - y0) or 1) * (height - 30)
-    paths = ''.join(f'<polyline fill="none" stroke="{COLORS[i % len(COLORS)]}" points="'
-                    + ' '.join(f'{sx(x):.1f},{sy(y):.1f}' for x, y in pts) + f'"><title>{html.escape(name)}</title></polyline>'
-                    f'<text x="{width - 8}" y="{sy(pts[-1][1]):.1f}" font-size="10" text-anchor="end" '
-                    f'fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>'
-                    for i, (name, pts) in enumerate(series.items()) if pts)
-    return (f'<figure><figcaption>{html.escape(title)}</figcaption><svg width="{width}" height="{height}">'
-            f'<rect x="40" y="10" width="{width - 50}" height="{height - 30}" fill="none" stroke="#ccc"/>{paths}'
-            f'<text x="36" y="14" font-size="10" text-anchor="end">{y1:.3g}</text>'
-            f'<text x="36" y="{height - 20}" font-size="10" text-anchor="end">{y0:.3g}</text>'
-            f'<text x="40" y="{height - 6}" font-size="10">iter {x0:g}</text>'
-            f'<text x="{width - 10}" y="{height - 6}" font-size="10" text-anchor="end">{x1:g}</text></svg></figure>')
-
-
-def training_svg(ckpt_path):
-    """Loss and the neurons' zero fraction per layer over the iterations, from the checkpoint's log.jsonl."""
-    path = os.path.join(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path), 'log.jsonl')
-    if not os.path.exists(path):
-        return ''
-    with open(path) as f:
-        evals = [r for r in map(json.loads, filter(str.strip, f)) if 'val_loss' in r]
-    loss = {k: [(r['iter'], r[k]) for r in evals] for k in ('train_loss', 'val_loss')}
-    layers = len(evals[-1].get('sparsity', [])) if evals else 0
-    zero = {f'layer {l}': [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals if 'sparsity' in r]
-            for l in range(layers)}
-    return ('<h2>Training</h2>' + lines_svg(loss, 'loss over iterations')
-            + (lines_svg(zero, "the neurons' zero fraction (values not > 0) on the validation slice") if layers else ''))
-
-
-def fmt(v, ci=None):
-    """A score x100 with two decimals, '–' for none, and its 95% interval where given."""
-    if v is None:
-        return '–'
-    return f'{v:.2f}' + (f' [{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '')
-
-
-def write_report(folder, summary, neuron_rows, decode):
-    title = f"{summary['model_name']} — neuron interpretability ({summary['simulator_label']})"
-    parts = [f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
-             'body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}'
-             'td,th{border:1px solid #ccc;padding:2px 6px}.ex{font-family:monospace;white-space:pre-wrap;margin:2px 0}'
-             'details{margin:2px 0}'
-             + ''.join(f'.a{i}{{background:rgba(255,120,0,{i / 10})}}.s{i}{{background:rgba(0,120,255,{i / 10})}}'
-                       for i in range(1, 11)) + '</style>', f'<h1>{html.escape(title)}</h1>',
-             f'<p>checkpoint {html.escape(summary["ckpt"])}, validation loss {summary["val_loss"]}, '
-             f'{summary["settings"]["n_openai"]} / {summary["settings"]["n_anthropic"]} sequences of '
-             f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic). Scores are Pearson r x 100.</p>',
-             '<table><tr><th>method</th><th>mean over layers [95% interval]</th><th>variance</th><th>excl. last '
-             'layer</th></tr>']
-    for method, s in summary['methods'].items():
-        m = s['model']
-        parts.append(f"<tr><td>{method}</td><td>{fmt(m['mean'], m.get('ci'))}</td><td>{fmt(m['var'])}</td>"
-                     f"<td>{fmt(m['mean_excl_last'], m.get('ci_excl_last'))}</td></tr>")
-    parts.append('</table>' + training_svg(summary['ckpt']))
-    for l in summary['layer_ids']:
-        parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
-                     f'<th>undefined</th><th>dead</th><th>failed</th><th>hard</th><th>distribution of r</th></tr>')
-        for method, s in summary['methods'].items():
-            v = s['layers'][str(l)]
-            scores = [r['scores'][method]['score'] for r in neuron_rows if r['layer'] == l and method in r['scores']]
-            parts.append(f"<tr><td>{method}</td><td>{fmt(v['mean'], v.get('ci'))}</td><td>{fmt(v['std'])}</td>"
-                         f"<td>{v['scored']}</td><td>{v['undefined']}"
-                         f"</td><td>{v['dead']}</td><td>{v['failed']}</td><td>{v['hard']}</td><td>{histogram_svg(scores)}"
-                         f"</td></tr>")
-        st = summary['stats'].get(str(l), {})
-        parts.append(f"</table><p>fraction of zero activations {st.get('zero_fraction', '–')}, mean L0 per token "
-                     f"{st.get('l0', '–')}, dead neurons {st.get('dead', '–')} of {st.get('neurons', '–')}, "
-                     f"top-activation token concentration {st.get('top_token_concentration', '–')}</p>")
-        for r in sorted((r for r in neuron_rows if r['layer'] == l), key=lambda r: -(r['best'] or -2)):
-            sc = ', '.join(f"{k} " + ('dead' if v['dead'] else '–' if v['score'] is None else f"{100 * v['score']:.1f}")
-                           for k, v in r['scores'].items())
-            expl = next((v['explanation'] for v in r['scores'].values() if v.get('explanation')), 'dead')
-            body = []
-            for method, v in r['scores'].items():
-                if method == 'random_only':
-                    continue          # its excerpts are among top_and_random's
-                for toks, a, p in v.get('show', []):
-                    body.append(f'<div class="ex"><b>{method}</b> true: {shade(toks, a, v["max_act"], decode, "a")}'
-                                f'<br>simulated: {shade(toks, p, 10, decode, "s")}</div>')
-            parts.append(f'<details><summary>neuron {r["neuron"]}: {sc} — {html.escape(expl)}</summary>'
-                         f'{"".join(body)}</details>')
-    with open(os.path.join(folder, 'report.html'), 'w', encoding='utf-8') as f:
-        f.write(''.join(parts))
-
-
-def markdown(summary):
-    lines = [f"# {summary['model_name']} ({summary['simulator_label']})", '',
-             f"validation loss {summary['val_loss']}; {summary['settings']['n_openai']} / "
-             f"{summary['settings']['n_anthropic']} sequences of {summary['settings']['seq_len']} tokens (OpenAI / "
-             f"Anthropic); scores are Pearson r x 100", '',
-             '| layer | method | mean [95% interval] | std | scored | undefined | dead | failed | hard | no-digit slots |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-    for l in summary['layer_ids']:
-        for method, s in summary['methods'].items():
-            v = s['layers'][str(l)]
-            lines.append(f"| {l} | {method} | {fmt(v['mean'], v.get('ci'))} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | "
-                         f"{v['dead']} | {v['failed']} | {v['hard']} | {v['no_digit_slots']} |")
-    lines += ['', '| method | mean over layers [95% interval] | variance | mean excl. last | variance excl. last |',
-              '| --- | --- | --- | --- | --- |']
-    for method, s in summary['methods'].items():
-        m = s['model']
-        lines.append(f"| {method} | {fmt(m['mean'], m.get('ci'))} | {fmt(m['var'])} | "
-                     f"{fmt(m['mean_excl_last'], m.get('ci_excl_last'))} | {fmt(m['var_excl_last'])} |")
-    return '\n'.join(lines) + '\n'
-
-
-def compare(folders):
-    """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons,
-    and CRATE - GPT-2 at each depth: the difference and the relative improvement, each with its interval (the two
-    runs' neurons resampled independently, from their neurons.jsonl)."""
-    runs = []
-    for f in folders:
-        path = os.path.join(f, 'summary.json')
-        if not os.path.exists(path):
-            raise InterpretError(f"{path} not found: run interpret.py on that checkpoint first")
-        with open(path) as fh:
-            s = json.load(fh)
-        per_method = {}              # {method: {layer: [scores]}}, for the intervals of the differences
-        with open(os.path.join(f, 'neurons.jsonl')) as fh:
-            for row in map(json.loads, fh):
-                for m, sc in row['scores'].items():
-                    per_method.setdefault(m, {l: [] for l in s['layer_ids']})[row['layer']].append(sc)
-        runs.append((f, s, per_method))
-    cols = ['top_and_random', 'random_only', 'anthropic']
-
-    def figure(s, method):   # (mean, interval); the paper leaves out the last layer at 6L and 12L
-        m = s['methods'].get(method, {}).get('model', {})
-        return (m.get('mean_excl_last'), m.get('ci_excl_last')) if s['model']['n_layer'] >= 6 else (m.get('mean'), m.get('ci'))
-
-    def replicates(i, s, per_layer):
-        n = s['model']['n_layer']
-        return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1], key=i)
-
-    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- |']
-    for f, s, _ in runs:
-        lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
-                     f"{s['simulator_label']} | " + ' | '.join(fmt(*figure(s, c)) for c in cols) + ' |')
-    pairs = [((i, *a), (j, *b)) for i, a in enumerate(runs) for j, b in enumerate(runs)
-             if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
-             and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]
-    for (i, fa, a, sa), (j, fb, b, sb) in pairs:
-        lines.append(f"\nCRATE {fa} - GPT-2 {fb} (95% intervals, bootstrap over neurons):")
-        for c in cols:
-            x, y = figure(a, c)[0], figure(b, c)[0]
-            if x is None or y is None:
-                lines.append(f"- {c}: –")
-                continue
-            rx, ry = replicates(i, a, sa[c]), replicates(j, b, sb[c])
-            lo, hi = interval(rx - ry)
-            rel = '–'
-            if y > 0 and (ry > 0).all():
-                rlo, rhi = interval(rx / ry - 1)
-                rel = f"{100 * (x / y - 1):+.0f}% [{100 * rlo:+.0f}%, {100 * rhi:+.0f}%]"
-            lines.append(f"- {c}: difference {x - y:+.2f} [{lo:+.2f}, {hi:+.2f}], relative {rel}")
-    return '\n'.join(lines)
-
-
-# --- main -----------------------------------------------------------------------------------------------------
-
-def numbers(text):
-    """'5,41,300' (or '41') -> [5, 41, 300]; anything else is the user's mistake, said in one line."""
-    try:
-        return sorted({int(x) for x in text.split(',') if x.strip()}) or None
-    except ValueError:
-        return None
-
-
-def pick_neurons(cfg):
-    """The layers and, per layer, the neurons to interpret, from --layers and --neurons."""
-    layer_ids = list(range(cfg.n_layer)) if layers == 'all' else numbers(str(layers))
-    if not layer_ids or not all(0 <= l < cfg.n_layer for l in layer_ids):
-        raise InterpretError(f"--layers={layers}: give 'all' or layer numbers 0..{cfg.n_layer - 1} separated by commas")
-    h, spec = cfg.hidden, str(neurons)
-    if spec == 'all':
-        return layer_ids, {l: list(range(h)) for l in layer_ids}
-    if spec.startswith('random:'):
-        k = numbers(spec[7:])
-        if not k or len(k) > 1 or not 0 < k[0] <= h:
-            raise InterpretError(f"--neurons={spec}: write random:K with K from 1 to {h}, e.g. random:200")
-        return layer_ids, {l: sorted(np.random.default_rng([seed, 3, l]).choice(h, k[0], replace=False).tolist())
-                           for l in layer_ids}
-    chosen = numbers(spec)
-    if not chosen or not all(0 <= j < h for j in chosen):
-        raise InterpretError(f"--neurons={spec}: give 'all', neuron numbers 0..{h - 1} separated by commas (e.g. 41 "
-                             f"or 5,41,300), or random:K for K random neurons per layer")
-    return layer_ids, {l: chosen for l in layer_ids}
-
-
-def main():
-    from prepare import gpt2_tokenizer
-    try:
-        dev = pick_device(device)
-    except ValueError as e:
-        raise InterpretError(str(e))
-    autocast = torch.autocast(device_type=dev.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-    if protocol not in ('openai', 'anthropic', 'all'):
-        raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
-    if simulator not in ('chat', 'all-at-once', 'tokens'):
-        raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
-    for k in ('n_openai', 'n_anthropic', 'batch_size', 'concurrency'):
-        if globals()[k] < 1:
-            raise InterpretError(f"--{k}={globals()[k]} must be at least 1")
-    if seq_len < 0 or dtype not in ('float32', 'bfloat16'):
-        raise InterpretError(f"--seq_len must be 0 (the block size) or more and --dtype 'float32' or 'bfloat16'; "
-                             f"got {seq_len} and {dtype!r}")
-    try:
-        model = load_model(ckpt, dev)
-    except (FileNotFoundError, ValueError) as e:
-        raise InterpretError(str(e))
-    cfg = model.config
-    T = seq_len or cfg.block_size
-    if T > cfg.block_size:
-        raise InterpretError(f"seq_len={T} is longer than the model's block_size={cfg.block_size}")
-    layer_ids, cols = pick_neurons(cfg)
-    h = cfg.hidden
-    protocols = ['openai', 'anthropic'] if protocol == 'all' else [protocol]
-    folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
-    wanted = {'openai': n_openai, 'anthropic': n_anthropic}
-    stream = read_stream(data, max(wanted[p] for p in protocols), T)
-    streams = {'openai': stream[:n_openai], 'anthropic': stream[:n_anthropic]}
-    short = [f"--n_{p}={wanted[p]}" for p in protocols if len(streams[p]) < wanted[p]]
-    if short:
-        print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} use(s) "
-              f"{len(stream)}; the summary records the number used", file=sys.stderr)
-    vocab = getattr(model, "base", model).config.vocab_size
-    if stream.max() >= vocab:
-        raise InterpretError(f"{data}/val.bin holds token id {stream.max()} but the model's vocabulary is "
-                             f"{vocab}: the data was not tokenized for this model")
-
-    if bench:
-        benchmark(model, stream, {p: len(streams[p]) for p in protocols}, layer_ids, cols, dev, autocast)
-        return
-    os.makedirs(folder, exist_ok=True)
-
-    settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
-                'n_openai': len(streams['openai']), 'n_anthropic': len(streams['anthropic']),
-                'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
-    meta_path = os.path.join(folder, 'records.json')
-    have = json.load(open(meta_path)) if os.path.exists(meta_path) else None
-    stats = {l: {} for l in layer_ids}
-    if have and have['settings'] == settings and all(os.path.exists(os.path.join(folder, f'records_L{l}.npz')) for l in layer_ids):
-        print(f"using the records in {folder} (same settings)")
-        stats = {int(l): v for l, v in have['stats'].items()}
-    else:
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        made = record(model, stream, {p: len(streams[p]) for p in protocols}, layer_ids, cols, dev, autocast, stats)
-        recs = {l: {p: made[p][l] for p in protocols} for l in layer_ids}
-        for l in layer_ids:
-            st = stats[l]
-            top_tok = stream.reshape(-1)[recs[l][protocols[0]]['pos'][:, :TOP]]
-            conc = np.mean([np.unique(row, return_counts=True)[1].max() / len(row) for row in top_tok])
-            stats[l] = {'zero_fraction': round(1 - st['nonzero'] / (st['tokens'] * h), 4),
-                        'l0': round(st['nonzero'] / st['tokens'], 2), 'dead': int((~st['alive']).sum()), 'neurons': len(cols[l]),
-                        'top_token_concentration': round(float(conc), 3), 'tokens': st['tokens']}
-            save_records(folder, l, cols[l], recs[l], stream)
-        with open(meta_path + '.tmp', 'w') as f:
-            json.dump({'settings': settings, 'stats': stats}, f)
-        os.replace(meta_path + '.tmp', meta_path)
-
-    enc = gpt2_tokenizer()
-    decode = lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab])
-    recs = {l: dict(np.load(os.path.join(folder, f'records_L{l}.npz'))) for l in layer_ids}
-    llm = None if simulator == 'tokens' else LLM(folder)
-    run_key = hashlib.sha256(json.dumps([settings, simulator, explainer_model, simulator_model, base_url,
-                                         simulator_base_url, explainer_temperature, simulator_top_logprobs, seed,
-                                         bad_answer_retries, explainer_max_tokens, max_no_digit]).encode()).hexdigest()[:16]
-    scores_path = os.path.join(folder, 'scores.jsonl')
-    done = read_finished(scores_path, run_key) if resume else {}
-    if not resume and os.path.exists(scores_path):
-        os.remove(scores_path)
-    todo = [(l, n, int(neuron)) for l in layer_ids for n, neuron in enumerate(recs[l]['neurons']) if (l, int(neuron)) not in done]
-    if done:
-        print(f"resuming: {len(done)} neurons already scored, {len(todo)} to go")
-    if dry_run:
-        print(estimate(todo, recs, protocols, decode, lambda text: len(enc.encode(text, disallowed_special=()))))
-        return
-    unfinished = asyncio.run(score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key))
-    rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in METHODS[p]}
-    for (l, neuron), scores in sorted(done.items()):
-        for m, sc in scores.items():
-            per_method[m][l].append(sc)
-        defined = [sc['score'] for sc in scores.values() if sc['score'] is not None]
-        rows.append({'layer': l, 'neuron': neuron, 'scores': scores, 'best': max(defined) if defined else None})
-    val_loss = model.val_loss
-    summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
-               'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
-               'simulator_label': ('token-lookup baseline, not the LLM metric' if llm is None else
-                                   f"explainer {llm.models['explainer']}, simulator {llm.models['simulator']} ({simulator})"),
-               'settings': settings, 'unfinished': len(unfinished),
-               'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},
-               'methods': {m: {'layers': {str(l): v for l, v in s['layers'].items()}, 'model': s['model']}
-                           for m, s in ((m, summarize(v, cfg.n_layer)) for m, v in per_method.items())}}
-    with open(os.path.join(folder, 'neurons.jsonl'), 'w') as f:
-        for r in rows:
-            slim = {k: {kk: vv for kk, vv in v.items() if kk != 'show'} for k, v in r['scores'].items()}
-            f.write(json.dumps({'layer': r['layer'], 'neuron': r['neuron'], 'simulator': simulator, 'scores': slim}) + '\n')
-    with open(os.path.join(folder, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
-    md = markdown(summary)
-    with open(os.path.join(folder, 'summary.md'), 'w') as f:
-        f.write(md)
-    write_report(folder, summary, rows, decode)
-    print(md)
-    if llm is not None:
-        print(f"LLM: {llm.requests} requests ({llm.cached} answered from the cache), "
-              f"{llm.prompt_tokens:,} prompt + {llm.completion_tokens:,} completion tokens")
-    print(f"wrote {folder}/neurons.jsonl, summary.json, summary.md, report.html")
-    if unfinished:
-        print(f"error: {len(unfinished)} neurons unfinished after server errors ({unfinished[0]}); run the same "
-              f"command again to finish them", file=sys.stderr)
-        sys.exit(1)
-    failed = sum(v['failed'] for m in summary['methods'].values() for v in m['layers'].values())
-    scored = sum(v['scored'] for m in summary['methods'].values() for v in m['layers'].values())
-    if failed:
-        print(f"warning: {failed} neuron scores failed (answers the simulator or explainer could not give); they are "
-              f"not recorded, so the same command asks again", file=sys.stderr)
-    if not scored and failed:
-        print("error: no neuron could be scored; see the failures in neurons.jsonl", file=sys.stderr)
-        sys.exit(1)
+async def score_neuron(rec, n, protocol, decode, sim):
+    """Explain, simulate and score one neuron under every scoring method of a protocol, with sim the LLM or the
+    token lookup. The scoring methods of one protocol share the explanation (and identical requests are answered
+    once, from the cache)."""
+    out, explanation = {}, None
+    for method in METHODS[protocol]:
+        _, expl_items, score_items = SETS[method]
+        expl = excerpts(rec, protocol, expl_items, n)
+        m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
+        if not m > 0:
+            out[method] = {'dead': True, 'score': None, 'explanation': None}
+            continue
+        scoring = excerpts(rec, protocol, score_items, n)
+        explanation = explanation or await sim.explain(expl, m, decode)
+        result = await sim.simulate(explanation, scoring, decode) if explanation else None
+        if result is None:
+            out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
+                           'explanation': explanation, 'failure': 'explanation' if not explanation else 'simulation'}
+            continue
+        preds, hard, no_digit = result
+        slots = sum(len(p) for p in preds)
+        if no_digit > sim.max_no_digit * slots:          # not zeros: the simulator did not answer with a value
+            out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
+                           'explanation': explanation, 'no_digit': no_digit,
+                           'failure': f'no digit among the top-k at {no_digit} of {slots} slots'}
+            continue
+        true, pred = np.concatenate([a for _, a in scoring]), np.concatenate(preds)
+        read = ~np.isnan(pred)                            # slots without a digit leave the correlation
+        score = pearson(true[read], pred[read])
+        out[method] = {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m, 'hard': hard,
+                       'explanation': str(explanation), 'no_digit': int((~read).sum()),
+                       'show': [(toks, a.tolist(), p.tolist()) for (toks, a), p in zip(scoring[:3], preds[:3])]}
+    return out
 
 
 def read_finished(path, run_key):
@@ -1425,8 +1069,8 @@ def read_finished(path, run_key):
     return done
 
 
-async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key):
-    """Score the neurons concurrently (the LLM bounds the requests in flight), appending each to scores.jsonl as
+async def score_all(todo, recs, protocols, decode, sim, done, scores_path, run_key):
+    """Score the neurons concurrently (an LLM bounds its requests in flight), appending each to scores.jsonl as
     it finishes; a neuron that failed (bad answers) is reported but not recorded, so the next run asks again.
     Returns the neurons left unfinished by server errors or timeouts."""
     unfinished = []
@@ -1436,7 +1080,7 @@ async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_k
             try:
                 scores = {}
                 for p in protocols:
-                    scores.update(await score_neuron(recs[l], n, p, decode, llm))
+                    scores.update(await score_neuron(recs[l], n, p, decode, sim))
             except InterpretError:
                 raise
             except Exception as e:               # whatever a server sends, it ends this neuron, not the run
@@ -1452,7 +1096,7 @@ async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_k
     return unfinished
 
 
-def estimate(todo, recs, protocols, decode, count):
+def estimate(todo, recs, protocols, decode, count, simulator, explainer_max_tokens):
     """What a run would ask of the servers: requests and tokens of the whole prompts as they would be sent, counted
     with count(text) (GPT-2's tokenizer: the models' own will differ), completions at their caps."""
     if simulator == 'tokens':
@@ -1482,58 +1126,137 @@ def estimate(todo, recs, protocols, decode, count):
     return (f"dry run: {len(todo)} neurons, about {requests:,} requests, {prompt:,} prompt tokens and up to "
             f"{completion:,} completion tokens, counted in GPT-2 tokens{twice}")
 
-
-def state_bytes(sizes, T, cols, batch):
-    """(what the recording holds while it runs, the records it returns), in bytes, by the arrays record() makes: per
-    neuron and protocol a running top-k with excerpts and the random (and for Anthropic the pool's) excerpts, the
-    Anthropic histogram, and three batches of activations; then positions, window positions and excerpt activations
-    per record item. Neither depends on the number of sequences."""
-    n = sum(len(c) for c in cols.values())
-    state = records = 0
-    for p, m in sizes.items():
-        k, r, w = min(TOP, m * T), RAND + (POOL if p == 'anthropic' else 0), sum(WINDOW[p])
-        state += k * (4 + 8) + r * 3 * 8 + (k + r) * w * 4 + (NBINS * 8 if p == 'anthropic' else 0)
-        records += (k + RAND + (BANDS * BAND_ITEMS if p == 'anthropic' else 0)) * (8 + w * (8 + 4))
-    return n * state + 3 * batch * T * n * 4, n * records
+# --- the script ----------------------------------------------------------------------------------------------------
 
 
-def benchmark(model, stream, sizes, layer_ids, cols, dev, autocast, rounds=3):
-    """Time a plain forward pass over the tokens the recording reads (the longest protocol's sequences) against the
-    whole recording of every protocol asked for, alternating for `rounds` rounds after a warm-up. The machine's speed
-    drifts, so each round's ratio compares neighbours in time and the median ratio is the figure."""
-    import resource
-    import time
-    seqs = stream[:max(sizes.values())]
-    sync = torch.cuda.synchronize if dev.startswith('cuda') else (lambda: None)
-    def plain():
-        for i in range(0, len(seqs), batch_size):
-            with torch.no_grad(), autocast:
-                model(torch.from_numpy(seqs[i:i + batch_size]).to(dev))
-    def recording():
-        record(model, stream, sizes, layer_ids, cols, dev, autocast, {l: {} for l in layer_ids})
-    def seconds(fn):
-        sync()
-        t0 = time.time()
-        fn()
-        sync()
-        return time.time() - t0
-    plain()  # warm-up
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10   # MiB (Linux reports KiB)
-    rss0 = rss()
-    what = ', '.join(f"{p} {m} x {seqs.shape[1]}" for p, m in sizes.items())
-    print(f"recording {what} tokens, batch_size={batch_size}, {sum(map(len, cols.values()))} neurons in "
-          f"{len(layer_ids)} layer(s), device {dev}; forward = one plain pass over {len(seqs)} x {seqs.shape[1]} tokens")
-    ratios = []
-    for r in range(rounds):
-        tf, tr = seconds(plain), seconds(recording)
-        ratios.append(tr / tf)
-        print(f"round {r + 1}: forward {tf:.3g} s ({seqs.size / tf:,.0f} tok/s), recording {tr:.3g} s = {tr / tf:.2f}x forward")
-    print(f"recording over forward: {sorted(ratios)[len(ratios) // 2]:.2f}x time (median of {rounds} rounds)")
-    mem = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB" if dev.startswith('cuda') else ""
-    state, records = state_bytes(sizes, seqs.shape[1], cols, batch_size)
-    print(f"memory: recording state {state / 2**20:,.1f} MiB and records {records / 2**20:,.1f} MiB (by their arrays, "
-          f"independent of N); process peak RSS {rss0:,.0f} MiB after the plain forward, {rss():,.0f} MiB after the "
-          f"recording{mem}")
+def main():
+    for k in ('n_openai', 'n_anthropic', 'batch_size', 'concurrency'):
+        if globals()[k] < 1:
+            raise InterpretError(f"--{k}={globals()[k]} must be at least 1")
+    if protocol not in ('openai', 'anthropic', 'all'):
+        raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
+    if simulator not in ('chat', 'all-at-once', 'tokens'):
+        raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
+    if seq_len < 0 or dtype not in ('float32', 'bfloat16'):
+        raise InterpretError(f"--seq_len must be 0 (the block size) or more and --dtype 'float32' or 'bfloat16'; "
+                             f"got {seq_len} and {dtype!r}")
+    try:
+        dev = pick_device(device)
+        model = load_model(ckpt, dev)
+        enc = gpt2_tokenizer()
+    except (FileNotFoundError, ValueError, PrepareError) as e:
+        raise InterpretError(str(e))
+    decode = lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab])
+    cfg = model.config
+    T = seq_len or cfg.block_size
+    if T > cfg.block_size:
+        raise InterpretError(f"seq_len={T} is longer than the model's block_size={cfg.block_size}")
+    layer_ids, cols = pick_neurons(cfg, layers, neurons, seed)
+    protocols = ['openai', 'anthropic'] if protocol == 'all' else [protocol]
+    folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
+    wanted = {'openai': n_openai, 'anthropic': n_anthropic}
+    stream = read_stream(data, max(wanted[p] for p in protocols), T)
+    sizes = {p: min(wanted[p], len(stream)) for p in protocols}
+    short = [f"--n_{p}={wanted[p]}" for p in protocols if sizes[p] < wanted[p]]
+    if short:
+        print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} use(s) "
+              f"{len(stream)}; the summary records the number used", file=sys.stderr)
+    vocab = getattr(model, "base", model).config.vocab_size
+    if stream.max() >= vocab:
+        raise InterpretError(f"{data}/val.bin holds token id {stream.max()} but the model's vocabulary is "
+                             f"{vocab}: the data was not tokenized for this model")
+    os.makedirs(folder, exist_ok=True)
+
+    # 1. record, or reuse the records of an earlier run with the same settings
+    settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
+                'n_openai': min(n_openai, len(stream)), 'n_anthropic': min(n_anthropic, len(stream)),
+                'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
+    meta_path = os.path.join(folder, 'records.json')
+    have = json.load(open(meta_path)) if os.path.exists(meta_path) else None
+    if have and have['settings'] == settings and all(os.path.exists(os.path.join(folder, f'records_L{l}.npz')) for l in layer_ids):
+        print(f"using the records in {folder} (same settings)")
+        stats = {int(l): v for l, v in have['stats'].items()}
+        recs = {l: dict(np.load(os.path.join(folder, f'records_L{l}.npz'))) for l in layer_ids}
+    else:
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        made, counts = record(model, stream, sizes, layer_ids, cols, dev, mixed_precision(dev, dtype), batch_size, seed)
+        stats, recs = {}, {}
+        for l in layer_ids:
+            c = counts[l]
+            recs[l] = record_arrays(cols[l], {p: made[p][l] for p in protocols}, stream)
+            top_tok = recs[l][f'{protocols[0]}_tokens'][:, :TOP, WINDOW[protocols[0]][0]]    # each top item's own token
+            conc = np.mean([np.unique(row, return_counts=True)[1].max() / len(row) for row in top_tok])
+            stats[l] = {'zero_fraction': round(1 - c['nonzero'] / (c['tokens'] * cfg.hidden), 4),
+                        'l0': round(c['nonzero'] / c['tokens'], 2), 'dead': int((~c['alive']).sum()),
+                        'neurons': len(cols[l]), 'top_token_concentration': round(float(conc), 3), 'tokens': c['tokens']}
+            save_records(folder, l, recs[l])
+        with open(meta_path + '.tmp', 'w') as f:
+            json.dump({'settings': settings, 'stats': stats}, f)
+        os.replace(meta_path + '.tmp', meta_path)
+
+    # 2. explain, simulate, score: the LLM, or the token lookup in its place; neurons a killed run finished are kept
+    run_key = hashlib.sha256(json.dumps([settings, simulator, explainer_model, simulator_model, base_url,
+                                         simulator_base_url, explainer_temperature, simulator_top_logprobs, seed,
+                                         bad_answer_retries, explainer_max_tokens, max_no_digit]).encode()).hexdigest()[:16]
+    scores_path = os.path.join(folder, 'scores.jsonl')
+    done = read_finished(scores_path, run_key) if resume else {}
+    if not resume and os.path.exists(scores_path):
+        os.remove(scores_path)
+    todo = [(l, n, int(neuron)) for l in layer_ids for n, neuron in enumerate(recs[l]['neurons']) if (l, int(neuron)) not in done]
+    if done:
+        print(f"resuming: {len(done)} neurons already scored, {len(todo)} to go")
+    if dry_run:
+        count = lambda text: len(enc.encode(text, disallowed_special=()))
+        print(estimate(todo, recs, protocols, decode, count, simulator, explainer_max_tokens))
+        return
+    sim = TokenLookup() if simulator == 'tokens' else LLM(
+        folder, simulator, base_url, explainer_model, simulator_model, simulator_base_url, api_key, concurrency,
+        max_retries, timeout, explainer_temperature, explainer_max_tokens, simulator_top_logprobs, bad_answer_retries,
+        max_no_digit, seed)
+    unfinished = asyncio.run(score_all(todo, recs, protocols, decode, sim, done, scores_path, run_key))
+
+    # 3. report
+    rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in METHODS[p]}
+    for (l, neuron), scores in sorted(done.items()):
+        for m, sc in scores.items():
+            per_method[m][l].append(sc)
+        defined = [sc['score'] for sc in scores.values() if sc['score'] is not None]
+        rows.append({'layer': l, 'neuron': neuron, 'scores': scores, 'best': max(defined) if defined else None})
+    val_loss = model.val_loss
+    summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
+               'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
+               'simulator_label': sim.label, 'settings': settings, 'unfinished': len(unfinished),
+               'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},
+               'methods': {m: {'layers': {str(l): v for l, v in s['layers'].items()}, 'model': s['model']}
+                           for m, s in ((m, summarize(v, cfg.n_layer)) for m, v in per_method.items())}}
+    with open(os.path.join(folder, 'neurons.jsonl'), 'w') as f:
+        for r in rows:
+            slim = {k: {kk: vv for kk, vv in v.items() if kk != 'show'} for k, v in r['scores'].items()}
+            f.write(json.dumps({'layer': r['layer'], 'neuron': r['neuron'], 'simulator': simulator, 'scores': slim}) + '\n')
+    with open(os.path.join(folder, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    md = markdown(summary)
+    with open(os.path.join(folder, 'summary.md'), 'w') as f:
+        f.write(md)
+    write_report(folder, summary, rows, decode)
+    print(md)
+    if isinstance(sim, LLM):
+        print(f"LLM: {sim.requests} requests ({sim.cached} answered from the cache), "
+              f"{sim.prompt_tokens:,} prompt + {sim.completion_tokens:,} completion tokens")
+    print(f"wrote {folder}/neurons.jsonl, summary.json, summary.md, report.html")
+    if unfinished:
+        print(f"error: {len(unfinished)} neurons unfinished after server errors ({unfinished[0]}); run the same "
+              f"command again to finish them", file=sys.stderr)
+        sys.exit(1)
+    failed = sum(v['failed'] for m in summary['methods'].values() for v in m['layers'].values())
+    scored = sum(v['scored'] for m in summary['methods'].values() for v in m['layers'].values())
+    if failed:
+        print(f"warning: {failed} neuron scores failed (answers the simulator or explainer could not give); they are "
+              f"not recorded, so the same command asks again", file=sys.stderr)
+    if not scored and failed:
+        print("error: no neuron could be scored; see the failures in neurons.jsonl", file=sys.stderr)
+        sys.exit(1)
 
 
 def interrupt(signum, frame):
@@ -1544,7 +1267,7 @@ if __name__ == '__main__':
     try:
         if sys.argv[1:2] == ['--compare']:
             if len(sys.argv) < 3:
-                raise InterpretError("--compare needs one or more interp folders, e.g. --compare out-crate-1l/interp out-gpt2-1l/interp")
+                fail("--compare needs one or more interp folders, e.g. --compare out-crate-1l/interp out-gpt2-1l/interp")
             print(compare(sys.argv[2:]))
         else:
             globals().update(configure(script_defaults(globals()), sys.argv[1:]))
@@ -1552,9 +1275,8 @@ if __name__ == '__main__':
             # request can swallow, and the run then goes on; a handler of our own keeps it a KeyboardInterrupt
             signal.signal(signal.SIGINT, interrupt)
             main()
-    except InterpretError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (InterpretError, ValueError) as e:     # ValueError: compare()'s missing or unreadable folders
+        fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted: finished neurons are kept; run the same command again to go on", file=sys.stderr)
         sys.exit(130)

@@ -12,11 +12,8 @@ GPT-2 is the same skeleton with MHA and a ReLU MLP (with its residual). `ModelCo
 The neurons we interpret are CRATE's sparse codes A_t and GPT-2's post-ReLU MLP hidden values.
 """
 
-import ast
 import math
 import os
-import sys
-import traceback
 import warnings
 from dataclasses import dataclass, fields
 
@@ -86,7 +83,7 @@ class MSSA(nn.Module):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.U = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual = True
+        self.c_proj.scaled_init = True
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -103,7 +100,7 @@ class MHA(nn.Module):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual = True
+        self.c_proj.scaled_init = True
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -112,8 +109,8 @@ class MHA(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def steer_(a, steer):
-    """Overwrite neuron j with value v at every position, for each (j, v) in steer; returns a new tensor.
+def overwrite(a, steer):
+    """Neurons a with neuron j set to value v at every position, for each (j, v) in steer (a new tensor).
     steer may instead be a function of the neurons that returns their replacement (e.g. an SAE's reconstruction)."""
     if callable(steer):
         return steer(a)
@@ -131,7 +128,7 @@ class ISTA(nn.Module):
     The dictionary D (d x h) is stored as weight = D^T (h x d), uniform in +-sqrt(6/d) as the authors' code
     initialises it (kaiming_uniform_ with its default a=0; nn.Linear's a=sqrt(5) would give +-1/sqrt(d))."""
 
-    residual = False
+    skip = False                # no skip connection around it: the block's output is D A_t
 
     def __init__(self, cfg):
         super().__init__()
@@ -142,13 +139,10 @@ class ISTA(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def codes(self, x):
-        W, eta = self.weight, self.eta                               # W = D^T
-        # b = eta D^T x - eta lambda: computed once (one matmul with the constant folded in as its bias)
-        b = F.linear(x, eta * W, x.new_full((W.shape[0],), -eta * self.lam))
-        a = F.relu(b)                                                # step 1 from A_0 = 0
-        for _ in range(self.steps - 1):                              # A_k = ReLU(A_{k-1} + b - eta D^T D A_{k-1})
-            Da = (a @ W).flatten(0, -2)                              # D A_{k-1}
-            a = F.relu(torch.addmm((a + b).flatten(0, -2), Da, W.t(), alpha=-eta).view_as(a))
+        D, eta, lam = self.weight.t(), self.eta, self.lam            # D: (d, h); x: (..., d), the codes: (..., h)
+        a = F.relu(eta * x @ D - eta * lam)                          # A_1, the step from A_0 = 0 (D A_0 = 0)
+        for _ in range(self.steps - 1):
+            a = F.relu(a + eta * (x - a @ D.t()) @ D - eta * lam)    # A_k = ReLU(A_{k-1} + eta D^T (x - D A_{k-1}) - eta lambda)
         return a
 
     def forward(self, x, steer=None):
@@ -156,25 +150,25 @@ class ISTA(nn.Module):
             a = torch.utils.checkpoint.checkpoint(self.codes, x, use_reentrant=False)
         else:
             a = self.codes(x)
-        a = steer_(a, steer)
+        a = overwrite(a, steer)
         return self.dropout(a @ self.weight), a              # D A_t, and the codes A_t
 
 
 class MLP(nn.Module):
     """GPT-2 MLP, ReLU by default (the paper's baseline): W_2 relu(W_1 x); its hidden values are the neurons."""
 
-    residual = True
+    skip = True                 # the block adds its output to its input
 
     def __init__(self, cfg):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
         self.act = nn.ReLU() if cfg.activation == 'relu' else nn.GELU()
         self.c_proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
-        self.c_proj.residual = True
+        self.c_proj.scaled_init = True
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, steer=None):
-        a = steer_(self.act(self.c_fc(x)), steer)
+        a = overwrite(self.act(self.c_fc(x)), steer)
         return self.dropout(self.c_proj(a)), a
 
 
@@ -186,6 +180,9 @@ def model_name(cfg):
 
 
 class Block(nn.Module):
+    """One layer: attention with its skip connection, then the feed-forward part (ISTA or MLP). forward returns
+    the layer's output and its neurons (ISTA's codes A_t or the MLP's hidden values)."""
+
     def __init__(self, cfg):
         super().__init__()
         self.ln_1 = LayerNorm(cfg)
@@ -196,10 +193,13 @@ class Block(nn.Module):
     def forward(self, z, steer=None):
         z = z + self.attn(self.ln_1(z))                  # Z_half = Z + MSSA(LN1(Z))
         y, a = self.ffn(self.ln_2(z), steer)
-        return (z + y if self.ffn.residual else y), a    # ISTA: Z_next = D A_t; MLP: Z_half + MLP(LN2(Z_half))
+        return (z + y if self.ffn.skip else y), a    # ISTA: Z_next = D A_t; MLP: Z_half + MLP(LN2(Z_half))
 
 
 class Transformer(nn.Module):
+    """Token and position embeddings, n_layer Blocks, a final LayerNorm and the output layer tied to the token
+    embedding. GPT-2's init: N(0, 0.02) for Linear and Embedding weights, 0.02 / sqrt(2 n_layer) for the projections
+    that write into the residual stream (marked scaled_init), zero biases; ISTA's dictionary keeps its own init."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -213,7 +213,7 @@ class Transformer(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                std = 0.02 / math.sqrt(2 * cfg.n_layer) if getattr(m, 'residual', False) else 0.02
+                std = 0.02 / math.sqrt(2 * cfg.n_layer) if getattr(m, 'scaled_init', False) else 0.02
                 nn.init.normal_(m.weight, mean=0.0, std=std)
                 if getattr(m, 'bias', None) is not None:
                     nn.init.zeros_(m.bias)
@@ -378,7 +378,7 @@ class SAEModel(nn.Module):
         x = self.activations(idx)
         x_hat, f = self.sae(x)
         loss = None if targets is None else self.sae.loss(x, x_hat, f, self.config.l1)
-        f = steer_(f, steer.get(0) if steer else None)
+        f = overwrite(f, steer.get(0) if steer else None)
         return (None, loss, [f]) if return_neurons else (None, loss)
 
     def flops_per_token(self, T=None):
@@ -388,7 +388,7 @@ class SAEModel(nn.Module):
     def splice(self, steer=None):
         """The base model's steering for 'replace the layer's neurons by the SAE's reconstruction', with
         features overwritten by steer [(j, v)] first: the lossy path."""
-        return {self.layer: lambda a: self.sae.decode(steer_(self.sae.encode(a.float()), steer)).to(a.dtype)}
+        return {self.layer: lambda a: self.sae.decode(overwrite(self.sae.encode(a.float()), steer)).to(a.dtype)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -501,94 +501,3 @@ def load_model(path, device='cpu'):
     model.load_state_dict(sd)
     model.val_loss = ckpt.get('best_val_loss')
     return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The configurator shared by train.py, sample.py and interpret.py:
-#     python script.py [config/x.py ...] [--key=value ...]
-# A config file is Python assignments; a --key=value is read as a Python literal (else as a string).
-# Every key must already be a default of the script, with a value of the same type; list defaults collect
-# repeated flags (--steer=a --steer=b). Errors are one line and exit with code 2.
-
-def _typed(key, value, default):
-    kind = type(default)
-    if default is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is list and isinstance(value, (str, tuple)):
-        return list(value) if isinstance(value, tuple) else [value]
-    raise TypeError(f"{key} must be {kind.__name__} (default {default!r}), got {value!r}")
-
-
-def configure(defaults, argv):
-    """defaults: {key: value}; argv: config files and --key=value. Returns the merged, type-checked dict."""
-    cfg, repeated = dict(defaults), set()
-    if any(a in ('--help', '-h') for a in argv):
-        doc = (sys.modules['__main__'].__doc__ or '').strip()
-        print(doc + '\n\noptions (--key=value; a config file of assignments sets them too):')
-        for k, v in defaults.items():
-            print(f"  --{k}={v!r}")
-        sys.exit(0)
-    try:
-        for arg in argv:
-            if not arg.startswith('--'):
-                if not os.path.isfile(arg):
-                    raise ValueError(f"config file {arg} not found (configs are in config/, e.g. config/crate_1l.py)")
-                scope = {}
-                try:
-                    exec(compile(open(arg).read(), arg, 'exec'), scope)
-                except SyntaxError as e:
-                    raise ValueError(f"config file {arg} line {e.lineno}: {e.msg}")
-                except Exception as e:
-                    line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == arg][-1:] or ['?']
-                    raise ValueError(f"config file {arg} line {line[0]}: {type(e).__name__}: {e}")
-                items = [(k, v) for k, v in scope.items()
-                         if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple, type(None)))]
-                source = arg
-            else:
-                if '=' not in arg:
-                    raise ValueError(f"{arg}: write overrides as --key=value")
-                k, raw = arg[2:].split('=', 1)
-                try:
-                    v = ast.literal_eval(raw)
-                except (ValueError, SyntaxError):
-                    v = raw
-                if isinstance(defaults.get(k), str):
-                    v = raw                # a string option takes the text as written
-                if isinstance(defaults.get(k), list):
-                    v = cfg[k] + [raw] if k in repeated else [raw]
-                    repeated.add(k)
-                items, source = [(k, v)], arg
-            for k, v in items:
-                if k not in defaults:
-                    raise KeyError(f"unknown option {k!r} in {source}; known: {', '.join(sorted(defaults))}")
-                cfg[k] = _typed(k, v, defaults[k])
-    except (ValueError, KeyError, TypeError, SyntaxError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
-    return cfg
-
-
-def pick_device(device):
-    """'auto' is CUDA, else MPS, else the CPU; a device asked for by name must be here (ValueError otherwise)."""
-    if device == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    kind = device.split(':')[0]
-    if kind == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"--device={device} but this torch sees no CUDA GPU (torch {torch.__version__}); "
-                         f"use --device=cpu, or install a CUDA build of torch on a machine with a GPU")
-    if kind == 'cuda' and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
-        raise ValueError(f"--device={device} but there are {torch.cuda.device_count()} GPU(s), numbered from 0")
-    if kind == 'mps' and not torch.backends.mps.is_available():
-        raise ValueError(f"--device={device} but MPS is not available here; use --device=cpu")
-    if kind not in ('cpu', 'cuda', 'mps'):
-        raise ValueError(f"--device={device}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    return device
-
-
-def script_defaults(scope):
-    """The options of a script: its module-level names of plain types, in order (defaults at the top)."""
-    return {k: v for k, v in scope.items()
-            if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, type(None)))}

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from configurator import fail
+
 EOT = 50256
 HUB = {  # name: (hub path, config, train split, val split or None to hold out by hash, default budgets)
     # 30B: the paper's schedule (295B tokens) then passes over it about 10 times; 'all' is about one pass (README)
@@ -329,8 +331,7 @@ if __name__ == '__main__':
     try:
         prepare(parse_args(sys.argv[1:]))
     except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     except KeyboardInterrupt:
         print("interrupted: nothing was finished, no meta.json written", file=sys.stderr)
         sys.exit(130)

@@ -7,12 +7,12 @@ Sample from a trained model (ours or a released CRATE checkpoint), optionally st
 
 import math
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from model import SAEModel, configure, load_model, pick_device, script_defaults
+from configurator import configure, fail, mixed_precision, pick_device, script_defaults
+from model import SAEModel, load_model
 from prepare import PrepareError, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -29,11 +29,6 @@ device = 'auto'
 dtype = 'float32'            # 'float32' or 'bfloat16'
 # -----------------------------------------------------------------------------------------------------------
 globals().update(configure(script_defaults(globals()), sys.argv[1:]))
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_steer(specs, model):
@@ -73,7 +68,7 @@ if isinstance(model, SAEModel):   # steer through the SAE: the layer's neurons b
     model, noop, steering = model.base, model.splice(), model.splice(sum(steering.values(), [])) if steering else None
 else:                             # steer the model's own neurons: the machinery alone changes nothing
     noop = {l: [] for l in steering}
-autocast = torch.autocast(device_type=device.split(':')[0], dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+autocast = mixed_precision(device, dtype)
 try:
     enc = gpt2_tokenizer()
 except PrepareError as e:

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import (ModelConfig, SAEModel, SparseAutoencoder, Transformer, check_state_dict, configure, load_model,
-                   loss_recovered, pick_device, read_checkpoint, script_defaults)
+from configurator import configure, fail, mixed_precision, peak_flops, pick_device, script_defaults
+from model import (ModelConfig, SAEModel, SparseAutoencoder, Transformer, check_state_dict, load_model, loss_recovered,
+                   read_checkpoint)
 from prepare import HUB
 
 # -----------------------------------------------------------------------------------------------------------
@@ -86,23 +87,14 @@ sae_resample_at = '10000,20000,50000,75000,100000'   # iterations at which dead 
 sae_resample_window = 7500         # a feature is dead if it fired in under sae_dead_freq of the activations of
 sae_dead_freq = 1e-6               # ... the last sae_resample_window iterations before a resampling
 sae_resample_seqs = 60000          # sequences scored for the new directions (the loss increase when spliced)
-# benchmark mode: --bench=crate,gpt2 times each model at this config's size (no data, eval or checkpoints)
-bench = ''
-bench_steps = 10                   # timed optimizer steps per model per round
-bench_rounds = 3                   # rounds, the models alternating, after one warm-up (and compile) round
 # -----------------------------------------------------------------------------------------------------------
 config = configure(script_defaults(globals()), sys.argv[1:])
 globals().update(config)
 model_args = {f.name: config[f.name] for f in fields(ModelConfig)}
 
 
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-for k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval', 'bench_steps',
-          'bench_rounds', 'sae_expansion', 'sae_buffer', 'sae_resample_window', 'sae_resample_seqs'):
+for k in ('batch_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval', 'sae_expansion',
+          'sae_buffer', 'sae_resample_window', 'sae_resample_seqs'):
     if config[k] < 1:
         fail(f"--{k}={config[k]} must be at least 1")
 for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'learning_rate', 'min_lr', 'weight_decay', 'grad_clip'):
@@ -139,12 +131,11 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 if compile is None:
     compile = device_type == 'cuda'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+autocast = mixed_precision(device, dtype)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-if master and not bench:
+if master:
     print(f"{world_size} process(es) on {device} ({dtype}), {tokens_per_iter:,} tokens per iteration "
           f"= {gradient_accumulation_steps} accumulation x {batch_size} sequences x {block_size} tokens")
 
@@ -152,7 +143,7 @@ if master and not bench:
 # same way, each rank taking its own micro-steps of the global batch, so N processes see exactly the
 # batches one process with N times the accumulation would, and the generator's state resumes exactly.
 data_path = os.path.join(data_dir, dataset)
-for split in () if bench else ('train', 'val'):
+for split in ('train', 'val'):
     f = os.path.join(data_path, f'{split}.bin')
     if not os.path.exists(f):
         where = '' if data_dir == 'data' else f" --out_dir={data_path}"
@@ -203,21 +194,21 @@ def estimate_loss():
     shared out among the ranks and averaged over all of them. For a language model also, per layer on the validation
     slice, how sparse its neurons are (CRATE's codes A_t, GPT-2's post-ReLU values): the fraction of values that are
     not > 0, the L0 (values > 0 per token) and the neurons never > 0."""
-    model.eval()
+    runner.eval()
     out = {}
     for split in ('train', 'val'):
         data = tokens(split)
         offsets = np.linspace(0, len(data) - block_size - 1, eval_iters * batch_size).astype(np.int64)
         total = torch.zeros(2, device=device, dtype=torch.float64)
-        active = torch.zeros(n_layer, raw_model.config.hidden, device=device) if split == 'val' and not sae_base else None
+        active = torch.zeros(n_layer, model.config.hidden, device=device) if split == 'val' and not sae_base else None
         chunks = np.array_split(offsets, eval_iters)[rank::world_size]
         for chunk in tqdm(chunks, desc=f"eval {split}", disable=not master, leave=False, file=sys.stderr, mininterval=2):
             x, y = batch_at(data, chunk)
             with autocast:
                 if sae_base:
-                    _, loss = raw_model(x, y)
+                    _, loss = model(x, y)
                 else:
-                    _, loss, neurons = model(x, y, return_neurons=True)
+                    _, loss, neurons = runner(x, y, return_neurons=True)
             if active is not None:         # per layer and neuron: positions where it is > 0
                 active += torch.stack([(a > 0).flatten(0, 1).sum(0) for a in neurons])
             total += torch.tensor([loss.item() * len(chunk), len(chunk)], device=device, dtype=torch.float64)
@@ -232,7 +223,7 @@ def estimate_loss():
                                 'l0': round(f.sum().item() / n_tok, 2), 'dead': int((f == 0).sum())} for f in active]
     if sae_base:
         out.update(sae_statistics())
-    model.train()
+    runner.train()
     return out
 
 
@@ -245,14 +236,14 @@ def sae_statistics():
     # sums of: squared error, squared norm, squared deviation from the batch mean, active features, tokens,
     # and clean, spliced, zero-ablated LM loss times sequences, sequences
     sums = torch.zeros(9, device=device, dtype=torch.float64)
-    seen = torch.zeros(raw_model.config.n_features, device=device)     # features that fired on the slice
+    seen = torch.zeros(model.config.n_features, device=device)     # features that fired on the slice
     zero = {sae_layer: lambda a: torch.zeros_like(a)}
     for chunk in np.array_split(offsets, eval_iters)[rank::world_size]:
         x, y = batch_at(data, chunk)
         with autocast:
-            a = raw_model.activations(x).reshape(-1, raw_model.config.n_in)
-            a_hat, f = raw_model.sae(a)
-            lm = [raw_model.base(x, y, steer=s)[1].item() for s in (None, raw_model.splice(), zero)]
+            a = model.activations(x).reshape(-1, model.config.n_in)
+            a_hat, f = model.sae(a)
+            lm = [model.base(x, y, steer=s)[1].item() for s in (None, model.splice(), zero)]
         a, a_hat = a.double(), a_hat.double()
         sums += torch.tensor([((a_hat - a) ** 2).sum().item(), (a ** 2).sum().item(), ((a - a.mean(0)) ** 2).sum().item(),
                               (f > 0).sum().item(), len(a), *(l * len(chunk) for l in lm), len(chunk)],
@@ -296,103 +287,10 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def peak_flops():
-    """Dense peak FLOP/s of the device for this dtype, or None when unknown (then MFU is not printed)."""
-    if peak_tflops:
-        return peak_tflops * 1e12
-    if device_type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
-    half = dtype != 'float32'
-    for key, bf16, tf32 in (('H100', 989e12, 494.5e12), ('H200', 989e12, 494.5e12), ('H20', 148e12, 74e12),
-                            ('A100', 312e12, 156e12), ('A10', 125e12, 62.5e12), ('L4', 121e12, 60e12)):
-        if key in name:
-            return bf16 if half else tf32
-    return None
-
-
-def activation_bytes(model, x, y):
-    """Bytes of the tensors one forward pass keeps for the backward pass (each storage counted once)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        _, loss = model(x, y)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values()) - sum(p.untyped_storage().nbytes() for p in model.parameters())
-
-
-def benchmark():
-    """Train each named model for bench_steps steps per round, alternating, and print one line per model."""
-    kinds = {'crate': dict(attn='mssa', ffn='ista', bias=True), 'gpt2': dict(attn='mha', ffn='mlp', bias=False),
-             'this': {}}
-    names = bench.split(',')
-    for name in names:
-        if name not in kinds:
-            fail(f"--bench: unknown model {name!r}; name some of crate, gpt2, this (the config's model)")
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab_size, (batch_size, block_size + 1), generator=g)
-    x, y = to_device(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    runs = {}
-    for name in names:
-        torch.manual_seed(seed)
-        m = Transformer(ModelConfig(**{**model_args, **kinds[name]})).to(device)
-        opt = m.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-        act = activation_bytes(m, x, y)
-        runs[name] = {'raw': m, 'model': torch.compile(m) if compile else m, 'opt': opt, 'act': act, 'times': []}
-    sync = (lambda: torch.cuda.synchronize(device)) if device_type == 'cuda' else (lambda: None)
-
-    def steps(r, n):
-        for _ in range(n):
-            with autocast:
-                _, loss = r['model'](x, y)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(r['model'].parameters(), grad_clip)
-            r['opt'].step()
-            r['opt'].zero_grad(set_to_none=True)
-    for r in runs.values():
-        steps(r, 2)                                   # warm-up and compilation
-    for _ in range(bench_rounds):
-        for name, r in runs.items():
-            if device_type == 'cuda':
-                torch.cuda.reset_peak_memory_stats(device)
-            sync()
-            t0 = time.time()
-            steps(r, bench_steps)
-            sync()
-            r['times'].append((time.time() - t0) / bench_steps)
-            r['peak'] = torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else None
-    tokens_per_step = batch_size * block_size
-    print(f"benchmark on {device} ({dtype}{', compiled' if compile else ''}): {n_layer} layers, d={n_embd}, "
-          f"batch {batch_size} x {block_size}, {bench_rounds} rounds x {bench_steps} steps, median step")
-    for name, r in runs.items():
-        dt = float(np.median(r['times']))
-        fpt = r['raw'].flops_per_token(block_size)
-        mfu = f"{fpt * tokens_per_step / dt / peak * 100:5.1f}%" if peak else "  n/a"
-        mem = f", peak memory {r['peak'] / 2**20:,.0f} MiB" if r['peak'] is not None else ""
-        r['tpt'] = dt / tokens_per_step
-        print(f"{name:6s} {r['raw'].get_num_params() / 1e6:7.2f}M params  {tokens_per_step / dt:12,.0f} tok/s  "
-              f"{dt * 1000:9.1f} ms/step  {fpt / 1e6:9.1f} MFLOPs/token  MFU {mfu}  "
-              f"activations {r['act'] / 2**20:,.1f} MiB{mem}")
-    if 'crate' in runs and 'gpt2' in runs:
-        c, gp = runs['crate'], runs['gpt2']
-        t_ratio = c['tpt'] / gp['tpt']
-        f_ratio = c['raw'].flops_per_token(block_size) / gp['raw'].flops_per_token(block_size)
-        print(f"crate/gpt2: time per token {t_ratio:.3f}, FLOPs per token {f_ratio:.3f} "
-              f"(time over FLOPs {t_ratio / f_ratio:.3f}), activation memory {c['act'] / gp['act']:.2f}")
-
-
 # model, optimizer, and state to resume from
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss = 0, float('inf')
-peak = peak_flops()
-if bench:
-    benchmark()
-    sys.exit(0)
+peak = peak_flops(device, dtype, peak_tflops)
 held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
 if init_from == 'scratch' and held and not overwrite:
     fail(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --init_from=resume, train into another "
@@ -437,8 +335,7 @@ except (ValueError, FileNotFoundError) as e:
 if init_from == 'resume':
     trained.load_state_dict(checkpoint['model'])
 model.to(device)
-raw_model = model
-vocab_limit = (raw_model.base if sae_base else raw_model).config.vocab_size
+vocab_limit = (model.base if sae_base else model).config.vocab_size
 meta_file = os.path.join(data_path, 'meta.json')
 if os.path.exists(meta_file):     # before any batch: prepare.py's files name their vocabulary, others are scanned
     with open(meta_file) as fh:
@@ -471,18 +368,18 @@ if init_from == 'resume':
                   f"dropout's random numbers will differ from an uninterrupted run")
 else:
     torch.manual_seed(seed + rank)  # dropout differs between ranks; the weights are the same (DDP broadcasts)
-model = trained if sae_base else model    # what a training step calls: the SAE on activation batches, or the LM
-if compile:
-    model = torch.compile(model)
+# model: the whole model (an SAEModel holds its frozen base); trained: the part that learns and is checkpointed;
+# runner: what a training step calls, the trained part compiled and wrapped for DDP
+runner = torch.compile(trained) if compile else trained
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+    runner = DDP(runner, device_ids=[local_rank] if device_type == 'cuda' else None)
+flops_per_iter = model.flops_per_token(block_size) * tokens_per_iter
 if master and sae_base:
-    c = raw_model.config
+    c = model.config
     print(f"SAE on layer {c.base_layer} of {sae_base} ({c.base_name}): {c.n_in} neurons -> {c.n_features} features, l1={c.l1}")
 elif master:
-    print(f"{raw_model.get_num_params():,} parameters ({attn} + {ffn}, {n_layer} layers, d={n_embd}), "
-          f"{raw_model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token"
+    print(f"{model.get_num_params():,} parameters ({attn} + {ffn}, {n_layer} layers, d={n_embd}), "
+          f"{model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token"
           + ("" if peak else "; MFU not shown: the device's peak is unknown (set --peak_tflops)"))
 
 # The SAE's data: a buffer of sae_buffer // block_size random training windows' activations, shuffled by a seeded
@@ -498,7 +395,7 @@ def fill_buffer(fill):
     data = tokens('train')
     offsets = sampler.integers(0, len(data) - block_size - 1, size=max(1, sae_buffer // block_size))
     with autocast:
-        acts = [raw_model.activations(batch_at(data, chunk)[0]).reshape(-1, raw_model.config.n_in)
+        acts = [model.activations(batch_at(data, chunk)[0]).reshape(-1, model.config.n_in)
                 for chunk in np.array_split(offsets, math.ceil(len(offsets) / batch_size))]
     acts = torch.cat(acts)
     order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(seed * 100003 + fill))
@@ -516,7 +413,7 @@ def sae_batches():
 
 
 def per_token_loss(x, y, steer):
-    logits, _ = raw_model.base(x, y, steer=steer)
+    logits, _ = model.base(x, y, steer=steer)
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction='none').view(y.shape)
 
 
@@ -529,7 +426,7 @@ def resample_dead(dead):
     their Adam moments are reset. Every rank computes the same (seeded) result."""
     if not len(dead):
         return 0
-    sae, data = raw_model.sae, tokens('train')
+    sae, data = model.sae, tokens('train')
     rng = np.random.default_rng([seed, iter_num])
     g = torch.Generator(device=device).manual_seed(seed * 100003 + iter_num)
     offsets = rng.integers(0, len(data) - block_size - 1, size=sae_resample_seqs)
@@ -537,8 +434,8 @@ def resample_dead(dead):
     for chunk in np.array_split(offsets, math.ceil(len(offsets) / batch_size)):
         x, y = batch_at(data, chunk)
         with autocast:
-            inc = (per_token_loss(x, y, raw_model.splice()) - per_token_loss(x, y, None)).clamp_min(0)
-            acts = raw_model.activations(x)
+            inc = (per_token_loss(x, y, model.splice()) - per_token_loss(x, y, None)).clamp_min(0)
+            acts = model.activations(x)
         ok = inc.sum(1) > 0
         pick = torch.multinomial(inc[ok], 1, generator=g).squeeze(1)
         increases.append(inc[ok, pick])
@@ -571,7 +468,7 @@ if sae_base:
         fired, fired_since = s['fired'].to(device) * int(master), s['fired_since']   # the sum over ranks, once
     else:
         fill_buffer(0)
-        fired = torch.zeros(raw_model.config.n_features, dtype=torch.long, device=device)
+        fired = torch.zeros(model.config.n_features, dtype=torch.long, device=device)
 if init_from == 'resume':
     checkpoint = None
 
@@ -627,9 +524,9 @@ def save_checkpoint(gathered):
              'rng': {'sampler': sampler.bit_generator.state, 'torch': [t for t, _ in states],
                      'cuda': [c for _, c in states], 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}}
     if sae_base:
-        state['sae'] = {'base': os.path.abspath(sae_base), 'layer': sae_layer, 'n_features': raw_model.config.n_features,
+        state['sae'] = {'base': os.path.abspath(sae_base), 'layer': sae_layer, 'n_features': model.config.n_features,
                         'l1': sae_l1, 'fired': fired_total.cpu(), 'fired_since': fired_since, 'buffer': dict(buffer_state)}
-        state['model_args'] = asdict(raw_model.base.config)
+        state['model_args'] = asdict(model.base.config)
     tmp = ckpt_path + '.tmp'
     torch.save(state, tmp)
     os.replace(tmp, ckpt_path)
@@ -686,14 +583,14 @@ while True:
 
     step_loss = torch.zeros((), device=device)
     for micro_step, (x, y) in enumerate(sae_batches() if sae_base else train_batches()):
-        sync = micro_step == local_accum - 1  # all-reduce gradients on the last micro-step only
-        with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
+        last = micro_step == local_accum - 1  # all-reduce gradients on the last micro-step only
+        with (runner.no_sync() if ddp and not last else nullcontext()), autocast:
             if sae_base:
-                x_hat, f = model(x)
+                x_hat, f = runner(x)
                 loss = SparseAutoencoder.loss(x, x_hat, f, sae_l1)
                 fired += (f > 0).sum(0)
             else:
-                _, loss = model(x, y)
+                _, loss = runner(x, y)
             loss = loss / local_accum  # DDP then averages over ranks: the gradient of the global batch's mean
         step_loss += loss.detach()
         scaler.scale(loss).backward()
@@ -741,7 +638,7 @@ while True:
 
 if ddp:
     dist.barrier()                  # rank 0 may still be writing the last checkpoint: tear down together
-    model = None                    # DDP's reducer holds gloo work: release it before its process group
+    runner = None                    # DDP's reducer holds gloo work: release it before its process group
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

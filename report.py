@@ -1,0 +1,255 @@
+"""
+What interpret.py writes after scoring, and the table that compares runs:
+
+    summary.json / summary.md   each scoring method's mean Pearson r x 100 per layer and over the layers, with 95%
+                                bootstrap intervals over neurons
+    report.html                 the same, histograms of r, the training curves from the checkpoint's log.jsonl, and
+                                each neuron's explanation with its true and simulated activations
+    python interpret.py --compare RUN/interp ...   the runs side by side, and CRATE - GPT-2 at each depth
+"""
+
+import html
+import json
+import os
+
+import numpy as np
+
+
+# --- the statistics: means over neurons and layers, and their bootstrap intervals ----------------------------------
+BOOT = 2000                  # bootstrap replicates for the 95% intervals
+
+
+def defined_scores(items):
+    return [s['score'] for s in items if not s['dead'] and s['score'] is not None]
+
+
+def bootstrap(per_layer_scores, layers, key=0):
+    """BOOT replicates of the mean over `layers` of each layer's mean score x100, the neurons resampled with
+    replacement within each layer (seeded by key); None where no layer has a score."""
+    rng = np.random.default_rng([BOOT, key])
+    reps = [100 * np.asarray(s)[rng.integers(0, len(s), (BOOT, len(s)))].mean(1)
+            for s in (defined_scores(per_layer_scores[l]) for l in layers) if s]
+    return np.mean(reps, 0) if reps else None
+
+
+def interval(reps):
+    """The 95% percentile interval of bootstrap replicates, or None."""
+    return None if reps is None else [float(np.percentile(reps, 2.5)), float(np.percentile(reps, 97.5))]
+
+
+def summarize(per_layer_scores, n_layer):
+    """{layer: [score or None]} -> per layer mean/std x100 and counts, and the model's mean and population
+    variance across layers, with and without the model's last layer (n_layer - 1, where it was evaluated); each
+    mean with its 95% bootstrap interval over neurons."""
+    layers_out = {}
+    for l, items in per_layer_scores.items():
+        scored = defined_scores(items)
+        layers_out[l] = {'mean': 100 * float(np.mean(scored)) if scored else None,
+                         'ci': interval(bootstrap(per_layer_scores, [l])),
+                         'std': 100 * float(np.std(scored)) if scored else None,
+                         'scored': len(scored),   # undefined: a constant side; failed: no usable answer
+                         'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None and not s.get('failed')),
+                         'dead': sum(1 for s in items if s['dead']), 'failed': sum(1 for s in items if s.get('failed')),
+                         'hard': sum(1 for s in items if s.get('hard')),
+                         'no_digit_slots': sum(s.get('no_digit', 0) for s in items)}
+    means = [v['mean'] for v in layers_out.values() if v['mean'] is not None]
+    but_last = [l for l in per_layer_scores if l != n_layer - 1]
+    all_but_last = [layers_out[l]['mean'] for l in but_last if layers_out[l]['mean'] is not None]
+    model = {'mean': float(np.mean(means)) if means else None, 'ci': interval(bootstrap(per_layer_scores, list(per_layer_scores))),
+             'var': float(np.var(means)) if means else None,
+             'mean_excl_last': float(np.mean(all_but_last)) if all_but_last else None,
+             'ci_excl_last': interval(bootstrap(per_layer_scores, but_last)),
+             'var_excl_last': float(np.var(all_but_last)) if all_but_last else None}
+    return {'layers': layers_out, 'model': model}
+
+# --- the reports ---------------------------------------------------------------------------------------------------
+
+
+def fmt(v, ci=None):
+    """A score x100 with two decimals, '–' for none, and its 95% interval where given."""
+    if v is None:
+        return '–'
+    return f'{v:.2f}' + (f' [{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '')
+
+
+def markdown(summary):
+    lines = [f"# {summary['model_name']} ({summary['simulator_label']})", '',
+             f"validation loss {summary['val_loss']}; {summary['settings']['n_openai']} / "
+             f"{summary['settings']['n_anthropic']} sequences of {summary['settings']['seq_len']} tokens (OpenAI / "
+             f"Anthropic); scores are Pearson r x 100", '',
+             '| layer | method | mean [95% interval] | std | scored | undefined | dead | failed | hard | no-digit slots |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for l in summary['layer_ids']:
+        for method, s in summary['methods'].items():
+            v = s['layers'][str(l)]
+            lines.append(f"| {l} | {method} | {fmt(v['mean'], v.get('ci'))} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | "
+                         f"{v['dead']} | {v['failed']} | {v['hard']} | {v['no_digit_slots']} |")
+    lines += ['', '| method | mean over layers [95% interval] | variance | mean excl. last | variance excl. last |',
+              '| --- | --- | --- | --- | --- |']
+    for method, s in summary['methods'].items():
+        m = s['model']
+        lines.append(f"| {method} | {fmt(m['mean'], m.get('ci'))} | {fmt(m['var'])} | "
+                     f"{fmt(m['mean_excl_last'], m.get('ci_excl_last'))} | {fmt(m['var_excl_last'])} |")
+    return '\n'.join(lines) + '\n'
+
+
+def shade(toks, vals, top, decode, kind):
+    """Tokens shaded in 11 steps by value / top; kind 'a' (true, with the value on hover) or 's' (simulated)."""
+    spans = []
+    for t, v in zip(toks, vals):
+        level = 0 if not top or not v > 0 else min(10, round(10 * v / top))
+        text = html.escape(decode([t])).replace(chr(10), '⏎')
+        spans.append(f'<span class={kind}{level} title="{v:.3g}">{text}</span>' if kind == 'a' and level else
+                     f'<span class={kind}{level}>{text}</span>' if level else text)
+    return ''.join(spans)
+
+
+def histogram_svg(scores, width=300, height=60, bins=20):
+    counts, edges = np.histogram([s for s in scores if s is not None], bins=bins, range=(-1, 1))
+    top = max(1, counts.max())
+    bars = ''.join(f'<rect x="{i * width / bins:.1f}" y="{height - c / top * height:.1f}" width="{width / bins - 1:.1f}" '
+                   f'height="{c / top * height:.1f}" fill="#4a7"><title>{edges[i]:.1f}..{edges[i + 1]:.1f}: {c}</title></rect>'
+                   for i, c in enumerate(counts))
+    return (f'<svg width="{width}" height="{height + 14}"><line x1="{width / 2}" y1="0" x2="{width / 2}" y2="{height}" '
+            f'stroke="#999"/>{bars}<text x="0" y="{height + 12}" font-size="10">-1</text><text x="{width - 10}" '
+            f'y="{height + 12}" font-size="10">1</text></svg>')
+
+
+COLORS = ['#d62', '#26d', '#2a4', '#a2a', '#999', '#d92', '#2aa', '#666']
+
+
+def lines_svg(series, title, width=480, height=160):
+    """A line chart of {name: [(x, y)]}: axes from the data's ranges, labelled at their ends."""
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return ''
+    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
+    sx = lambda x: 40 + (x - x0) / ((x1 - x0) or 1) * (width - 50)
+    sy = lambda y: 10 + (y1 - y) / ((y1 - y0) or 1) * (height - 30)
+    paths = ''.join(f'<polyline fill="none" stroke="{COLORS[i % len(COLORS)]}" points="'
+                    + ' '.join(f'{sx(x):.1f},{sy(y):.1f}' for x, y in pts) + f'"><title>{html.escape(name)}</title></polyline>'
+                    f'<text x="{width - 8}" y="{sy(pts[-1][1]):.1f}" font-size="10" text-anchor="end" '
+                    f'fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>'
+                    for i, (name, pts) in enumerate(series.items()) if pts)
+    return (f'<figure><figcaption>{html.escape(title)}</figcaption><svg width="{width}" height="{height}">'
+            f'<rect x="40" y="10" width="{width - 50}" height="{height - 30}" fill="none" stroke="#ccc"/>{paths}'
+            f'<text x="36" y="14" font-size="10" text-anchor="end">{y1:.3g}</text>'
+            f'<text x="36" y="{height - 20}" font-size="10" text-anchor="end">{y0:.3g}</text>'
+            f'<text x="40" y="{height - 6}" font-size="10">iter {x0:g}</text>'
+            f'<text x="{width - 10}" y="{height - 6}" font-size="10" text-anchor="end">{x1:g}</text></svg></figure>')
+
+
+def training_svg(ckpt_path):
+    """Loss and the neurons' zero fraction per layer over the iterations, from the checkpoint's log.jsonl."""
+    path = os.path.join(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path), 'log.jsonl')
+    if not os.path.exists(path):
+        return ''
+    with open(path) as f:
+        evals = [r for r in map(json.loads, filter(str.strip, f)) if 'val_loss' in r]
+    loss = {k: [(r['iter'], r[k]) for r in evals] for k in ('train_loss', 'val_loss')}
+    layers = len(evals[-1].get('sparsity', [])) if evals else 0
+    zero = {f'layer {l}': [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals if 'sparsity' in r]
+            for l in range(layers)}
+    return ('<h2>Training</h2>' + lines_svg(loss, 'loss over iterations')
+            + (lines_svg(zero, "the neurons' zero fraction (values not > 0) on the validation slice") if layers else ''))
+
+
+def write_report(folder, summary, neuron_rows, decode):
+    title = f"{summary['model_name']} — neuron interpretability ({summary['simulator_label']})"
+    parts = [f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
+             'body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}'
+             'td,th{border:1px solid #ccc;padding:2px 6px}.ex{font-family:monospace;white-space:pre-wrap;margin:2px 0}'
+             'details{margin:2px 0}'
+             + ''.join(f'.a{i}{{background:rgba(255,120,0,{i / 10})}}.s{i}{{background:rgba(0,120,255,{i / 10})}}'
+                       for i in range(1, 11)) + '</style>', f'<h1>{html.escape(title)}</h1>',
+             f'<p>checkpoint {html.escape(summary["ckpt"])}, validation loss {summary["val_loss"]}, '
+             f'{summary["settings"]["n_openai"]} / {summary["settings"]["n_anthropic"]} sequences of '
+             f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic). Scores are Pearson r x 100.</p>',
+             '<table><tr><th>method</th><th>mean over layers [95% interval]</th><th>variance</th><th>excl. last '
+             'layer</th></tr>']
+    for method, s in summary['methods'].items():
+        m = s['model']
+        parts.append(f"<tr><td>{method}</td><td>{fmt(m['mean'], m.get('ci'))}</td><td>{fmt(m['var'])}</td>"
+                     f"<td>{fmt(m['mean_excl_last'], m.get('ci_excl_last'))}</td></tr>")
+    parts.append('</table>' + training_svg(summary['ckpt']))
+    for l in summary['layer_ids']:
+        parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
+                     f'<th>undefined</th><th>dead</th><th>failed</th><th>hard</th><th>distribution of r</th></tr>')
+        for method, s in summary['methods'].items():
+            v = s['layers'][str(l)]
+            scores = [r['scores'][method]['score'] for r in neuron_rows if r['layer'] == l and method in r['scores']]
+            parts.append(f"<tr><td>{method}</td><td>{fmt(v['mean'], v.get('ci'))}</td><td>{fmt(v['std'])}</td>"
+                         f"<td>{v['scored']}</td><td>{v['undefined']}"
+                         f"</td><td>{v['dead']}</td><td>{v['failed']}</td><td>{v['hard']}</td><td>{histogram_svg(scores)}"
+                         f"</td></tr>")
+        st = summary['stats'].get(str(l), {})
+        parts.append(f"</table><p>fraction of zero activations {st.get('zero_fraction', '–')}, mean L0 per token "
+                     f"{st.get('l0', '–')}, dead neurons {st.get('dead', '–')} of {st.get('neurons', '–')}, "
+                     f"top-activation token concentration {st.get('top_token_concentration', '–')}</p>")
+        for r in sorted((r for r in neuron_rows if r['layer'] == l), key=lambda r: -(r['best'] or -2)):
+            sc = ', '.join(f"{k} " + ('dead' if v['dead'] else '–' if v['score'] is None else f"{100 * v['score']:.1f}")
+                           for k, v in r['scores'].items())
+            expl = next((v['explanation'] for v in r['scores'].values() if v.get('explanation')), 'dead')
+            body = []
+            for method, v in r['scores'].items():
+                if method == 'random_only':
+                    continue          # its excerpts are among top_and_random's
+                for toks, a, p in v.get('show', []):
+                    body.append(f'<div class="ex"><b>{method}</b> true: {shade(toks, a, v["max_act"], decode, "a")}'
+                                f'<br>simulated: {shade(toks, p, 10, decode, "s")}</div>')
+            parts.append(f'<details><summary>neuron {r["neuron"]}: {sc} — {html.escape(expl)}</summary>'
+                         f'{"".join(body)}</details>')
+    with open(os.path.join(folder, 'report.html'), 'w', encoding='utf-8') as f:
+        f.write(''.join(parts))
+
+
+def compare(folders):
+    """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons,
+    and CRATE - GPT-2 at each depth: the difference and the relative improvement, each with its interval (the two
+    runs' neurons resampled independently, from their neurons.jsonl)."""
+    runs = []
+    for f in folders:
+        path = os.path.join(f, 'summary.json')
+        if not os.path.exists(path):
+            raise ValueError(f"{path} not found: run interpret.py on that checkpoint first")
+        with open(path) as fh:
+            s = json.load(fh)
+        per_method = {}              # {method: {layer: [scores]}}, for the intervals of the differences
+        with open(os.path.join(f, 'neurons.jsonl')) as fh:
+            for row in map(json.loads, fh):
+                for m, sc in row['scores'].items():
+                    per_method.setdefault(m, {l: [] for l in s['layer_ids']})[row['layer']].append(sc)
+        runs.append((f, s, per_method))
+    cols = ['top_and_random', 'random_only', 'anthropic']
+
+    def figure(s, method):   # (mean, interval); the paper leaves out the last layer at 6L and 12L
+        m = s['methods'].get(method, {}).get('model', {})
+        return (m.get('mean_excl_last'), m.get('ci_excl_last')) if s['model']['n_layer'] >= 6 else (m.get('mean'), m.get('ci'))
+
+    def replicates(i, s, per_layer):
+        n = s['model']['n_layer']
+        return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1], key=i)
+
+    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    for f, s, _ in runs:
+        lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
+                     f"{s['simulator_label']} | " + ' | '.join(fmt(*figure(s, c)) for c in cols) + ' |')
+    pairs = [((i, *a), (j, *b)) for i, a in enumerate(runs) for j, b in enumerate(runs)
+             if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
+             and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]
+    for (i, fa, a, sa), (j, fb, b, sb) in pairs:
+        lines.append(f"\nCRATE {fa} - GPT-2 {fb} (95% intervals, bootstrap over neurons):")
+        for c in cols:
+            x, y = figure(a, c)[0], figure(b, c)[0]
+            if x is None or y is None:
+                lines.append(f"- {c}: –")
+                continue
+            rx, ry = replicates(i, a, sa[c]), replicates(j, b, sb[c])
+            lo, hi = interval(rx - ry)
+            rel = '–'
+            if y > 0 and (ry > 0).all():
+                rlo, rhi = interval(rx / ry - 1)
+                rel = f"{100 * (x / y - 1):+.0f}% [{100 * rlo:+.0f}%, {100 * rhi:+.0f}%]"
+            lines.append(f"- {c}: difference {x - y:+.2f} [{lo:+.2f}, {hi:+.2f}], relative {rel}")
+    return '\n'.join(lines)
