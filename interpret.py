@@ -93,8 +93,8 @@ METHODS = {'openai': ['top_and_random', 'random_only'], 'anthropic': ['anthropic
 class InterpretError(Exception):
     pass
 
-# --- what to interpret ---------------------------------------------------------------------------------------------
 
+# --- what to interpret ---------------------------------------------------------------------------------------------
 
 def numbers(text):
     """'5,41,300' (or '41') -> [5, 41, 300]; anything else is the user's mistake, said in one line."""
@@ -124,8 +124,8 @@ def pick_neurons(cfg, layers, neurons, seed):
                              f"or 5,41,300), or random:K for K random neurons per layer")
     return layer_ids, {l: chosen for l in layer_ids}
 
-# --- 1. record: one forward pass, every protocol, layer and neuron at once -----------------------------------------
 
+# --- 1. record: one forward pass, every protocol, layer and neuron at once -----------------------------------------
 
 def read_stream(data_dir, n_seq, T):
     """The first n_seq non-overlapping length-T sequences of val.bin, (n, T) int64."""
@@ -413,8 +413,8 @@ def save_records(folder, l, arrays):
     np.savez(tmp, **arrays)
     os.replace(tmp, os.path.join(folder, f'records_L{l}.npz'))
 
-# --- 2. explain and simulate: a neuron's excerpts, the token-lookup baseline, and the LLM roles --------------------
 
+# --- 2. explain and simulate: a neuron's excerpts, the token-lookup baseline, and the LLM roles --------------------
 
 def excerpts(rec, protocol, items, n):
     """[(token ids, activations)] of neuron row n for record items (ints, or 'ooc:i' for the 3 tokens around
@@ -469,11 +469,11 @@ class TokenLookup:
     async def simulate(self, table, scoring, decode):
         return [np.array([table.get(t, 0.0) for t in toks]) for toks, _ in scoring], False, 0
 
+
 # --- the LLM roles: explainer and simulators through any OpenAI-compatible server ----------------------------------
 # The prompts follow the structure of OpenAI's automated-interpretability as the paper ran it (instructions, a fixed
 # block of few-shot example neurons, then the neuron under test), with our own wording and our own examples. The
 # few-shot block comes first and is the same in every request, so that a server's prefix cache can reuse it.
-
 
 EXPLANATION_PREFIX = 'the main thing this neuron does is find'
 INSTRUCTIONS = (
@@ -1007,8 +1007,8 @@ class LLM:
             return None
         return [p for p, _, _ in results], any(h for _, h, _ in results), sum(n for _, _, n in results)
 
-# --- 3. score: the correlation of simulated and true activations, every neuron, resumable --------------------------
 
+# --- 3. score: the correlation of simulated and true activations, every neuron, resumable --------------------------
 
 def pearson(x, y):
     """Pearson correlation of the pooled values, or None when either side is constant."""
@@ -1126,8 +1126,8 @@ def estimate(todo, recs, protocols, decode, count, simulator, explainer_max_toke
     return (f"dry run: {len(todo)} neurons, about {requests:,} requests, {prompt:,} prompt tokens and up to "
             f"{completion:,} completion tokens, counted in GPT-2 tokens{twice}")
 
-# --- the script ----------------------------------------------------------------------------------------------------
 
+# --- the script ----------------------------------------------------------------------------------------------------
 
 def main():
     for k in ('n_openai', 'n_anthropic', 'batch_size', 'concurrency'):

@@ -16,6 +16,7 @@ import numpy as np
 
 
 # --- the statistics: means over neurons and layers, and their bootstrap intervals ----------------------------------
+
 BOOT = 2000                  # bootstrap replicates for the 95% intervals
 
 
@@ -62,8 +63,8 @@ def summarize(per_layer_scores, n_layer):
              'var_excl_last': float(np.var(all_but_last)) if all_but_last else None}
     return {'layers': layers_out, 'model': model}
 
-# --- the reports ---------------------------------------------------------------------------------------------------
 
+# --- the reports ---------------------------------------------------------------------------------------------------
 
 def fmt(v, ci=None):
     """A score x100 with two decimals, '–' for none, and its 95% interval where given."""
