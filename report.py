@@ -205,7 +205,8 @@ def write_report(folder, summary, neuron_rows, decode):
 
 
 def compare(folders):
-    """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons,
+    """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons
+    and each layer's zero fraction (the share of its neurons' values that are not > 0, over the recorded tokens),
     and CRATE - GPT-2 at each depth: the difference and the relative improvement, each with its interval (the two
     runs' neurons resampled independently, from their neurons.jsonl)."""
     runs = []
@@ -231,11 +232,12 @@ def compare(folders):
         n = s['model']['n_layer']
         return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1], key=i)
 
-    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- |']
+    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic | zero fraction |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for f, s, _ in runs:
+        zeros = ', '.join(str(s['stats'][str(l)]['zero_fraction']) for l in s['layer_ids'])   # per layer
         lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
-                     f"{s['simulator_label']} | " + ' | '.join(fmt(*figure(s, c)) for c in cols) + ' |')
+                     f"{s['simulator_label']} | " + ' | '.join(fmt(*figure(s, c)) for c in cols) + f' | {zeros} |')
     pairs = [((i, *a), (j, *b)) for i, a in enumerate(runs) for j, b in enumerate(runs)
              if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
              and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]

@@ -183,6 +183,9 @@ def test_compare_two_runs(val_dir, tmp_path):
     p = run('interpret.py', '--compare', str(tmp_path / 'crate' / 'interp'), str(tmp_path / 'gpt2' / 'interp'))
     rows = [l for l in p.stdout.splitlines() if l.startswith(f'| {tmp_path}')]
     assert len(rows) == 2 and '| CRATE | 1 | 4.00 |' in rows[0] and '| GPT-2 | 1 | 3.50 |' in rows[1]
+    for row, n in zip(rows, ('crate', 'gpt2')):     # each layer's zero fraction, last
+        zero = json.load(open(tmp_path / n / 'interp' / 'summary.json'))['stats']['0']['zero_fraction']
+        assert row.endswith(f'| {zero} |')
     s = [json.load(open(tmp_path / n / 'interp' / 'summary.json'))['methods']['random_only']['model']['mean']
          for n in ('crate', 'gpt2')]
     assert f"random_only: difference {s[0] - s[1]:+.2f} [" in p.stdout
