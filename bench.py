@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from configurator import configure, fail, mixed_precision, peak_flops, pick_device, script_defaults
-from model import ModelConfig, Transformer, load_model
+from model import ModelConfig, Transformer
 
 # -----------------------------------------------------------------------------------------------------------
 what = 'train'               # 'train' or 'record'
@@ -160,17 +160,13 @@ def record_bytes(sizes, T, cols, batch):
 
 
 def bench_record(dev, autocast):
-    from interpret import InterpretError, pick_neurons, read_stream, record
+    from interpret import InterpretError, record, setup
     try:
-        model = load_model(ckpt, dev)
-        T = seq_len or model.config.block_size
-        layer_ids, cols = pick_neurons(model.config, layers, neurons, seed)
-        protocols = ['openai', 'anthropic'] if protocol == 'all' else [protocol]
-        wanted = {'openai': n_openai, 'anthropic': n_anthropic}
-        stream = read_stream(data, max(wanted[p] for p in protocols), T)
-    except (FileNotFoundError, ValueError, InterpretError) as e:
+        model, stream, sizes, layer_ids, cols = setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai,
+                                                      n_anthropic, seed, dev)
+    except InterpretError as e:
         fail(str(e))
-    sizes = {p: min(wanted[p], len(stream)) for p in protocols}
+    T = stream.shape[1]
     seqs = stream[:max(sizes.values())]
 
     def forward():

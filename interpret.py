@@ -125,6 +125,32 @@ def pick_neurons(cfg, layers, neurons, seed):
     return layer_ids, {l: chosen for l in layer_ids}
 
 
+def setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai, n_anthropic, seed, dev):
+    """Load the model and the validation sequences, and pick the neurons: what the recording pass needs.
+    Returns (model, stream, sizes, layer_ids, cols), sizes = {protocol: sequences it uses}."""
+    try:
+        model = load_model(ckpt, dev)
+    except (FileNotFoundError, ValueError) as e:
+        raise InterpretError(str(e))
+    cfg = model.config
+    T = seq_len or cfg.block_size
+    if T > cfg.block_size:
+        raise InterpretError(f"seq_len={T} is longer than the model's block_size={cfg.block_size}")
+    layer_ids, cols = pick_neurons(cfg, layers, neurons, seed)
+    wanted = {p: n for p, n in (('openai', n_openai), ('anthropic', n_anthropic)) if protocol in (p, 'all')}
+    stream = read_stream(data, max(wanted.values()), T)
+    sizes = {p: min(n, len(stream)) for p, n in wanted.items()}
+    short = [f"--n_{p}={n}" for p, n in wanted.items() if sizes[p] < n]
+    if short:
+        print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} use(s) "
+              f"{len(stream)}; the summary records the number used", file=sys.stderr)
+    vocab = getattr(model, "base", model).config.vocab_size
+    if stream.max() >= vocab:
+        raise InterpretError(f"{data}/val.bin holds token id {stream.max()} but the model's vocabulary is "
+                             f"{vocab}: the data was not tokenized for this model")
+    return model, stream, sizes, layer_ids, cols
+
+
 # --- 1. record: one forward pass, every protocol, layer and neuron at once -----------------------------------------
 
 def read_stream(data_dir, n_seq, T):
@@ -1142,32 +1168,18 @@ def main():
                              f"got {seq_len} and {dtype!r}")
     try:
         dev = pick_device(device)
-        model = load_model(ckpt, dev)
         enc = gpt2_tokenizer()
-    except (FileNotFoundError, ValueError, PrepareError) as e:
+    except (ValueError, PrepareError) as e:
         raise InterpretError(str(e))
     decode = lambda ids: enc.decode([i for i in ids if 0 <= i < enc.n_vocab])
-    cfg = model.config
-    T = seq_len or cfg.block_size
-    if T > cfg.block_size:
-        raise InterpretError(f"seq_len={T} is longer than the model's block_size={cfg.block_size}")
-    layer_ids, cols = pick_neurons(cfg, layers, neurons, seed)
-    protocols = ['openai', 'anthropic'] if protocol == 'all' else [protocol]
+    model, stream, sizes, layer_ids, cols = setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai,
+                                                  n_anthropic, seed, dev)
+    cfg, T, protocols = model.config, stream.shape[1], list(sizes)
     folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
-    wanted = {'openai': n_openai, 'anthropic': n_anthropic}
-    stream = read_stream(data, max(wanted[p] for p in protocols), T)
-    sizes = {p: min(wanted[p], len(stream)) for p in protocols}
-    short = [f"--n_{p}={wanted[p]}" for p in protocols if sizes[p] < wanted[p]]
-    if short:
-        print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} use(s) "
-              f"{len(stream)}; the summary records the number used", file=sys.stderr)
-    vocab = getattr(model, "base", model).config.vocab_size
-    if stream.max() >= vocab:
-        raise InterpretError(f"{data}/val.bin holds token id {stream.max()} but the model's vocabulary is "
-                             f"{vocab}: the data was not tokenized for this model")
     os.makedirs(folder, exist_ok=True)
 
-    # 1. record, or reuse the records of an earlier run with the same settings
+    # 1. record, or reuse the records of an earlier run with the same settings (both protocols' sizes are in them,
+    # asked for or not, as they always were, so that earlier runs' records stay reusable)
     settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
                 'n_openai': min(n_openai, len(stream)), 'n_anthropic': min(n_anthropic, len(stream)),
                 'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
