@@ -11,6 +11,7 @@ What interpret.py writes after scoring, and the table that compares runs:
 import html
 import json
 import os
+import zlib
 
 import numpy as np
 
@@ -228,9 +229,10 @@ def compare(folders):
         m = s['methods'].get(method, {}).get('model', {})
         return (m.get('mean_excl_last'), m.get('ci_excl_last')) if s['model']['n_layer'] >= 6 else (m.get('mean'), m.get('ci'))
 
-    def replicates(i, s, per_layer):
+    def replicates(f, s, per_layer):    # seeded by the folder's name: a pair's figures do not depend on the others
         n = s['model']['n_layer']
-        return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1], key=i)
+        return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1],
+                         key=zlib.crc32(os.path.normpath(f).encode()))
 
     lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic | zero fraction |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
@@ -238,17 +240,16 @@ def compare(folders):
         zeros = ', '.join(str(s['stats'][str(l)]['zero_fraction']) for l in s['layer_ids'])   # per layer
         lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
                      f"{s['simulator_label']} | " + ' | '.join(fmt(*figure(s, c)) for c in cols) + f' | {zeros} |')
-    pairs = [((i, *a), (j, *b)) for i, a in enumerate(runs) for j, b in enumerate(runs)
-             if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
+    pairs = [(a, b) for a in runs for b in runs if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
              and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]
-    for (i, fa, a, sa), (j, fb, b, sb) in pairs:
+    for (fa, a, sa), (fb, b, sb) in pairs:
         lines.append(f"\nCRATE {fa} - GPT-2 {fb} (95% intervals, bootstrap over neurons):")
         for c in cols:
             x, y = figure(a, c)[0], figure(b, c)[0]
             if x is None or y is None:
                 lines.append(f"- {c}: –")
                 continue
-            rx, ry = replicates(i, a, sa[c]), replicates(j, b, sb[c])
+            rx, ry = replicates(fa, a, sa[c]), replicates(fb, b, sb[c])
             lo, hi = interval(rx - ry)
             rel = '–'
             if y > 0 and (ry > 0).all():

@@ -197,6 +197,9 @@ def test_compare_two_runs(val_dir, tmp_path):
     lo, hi = map(float, re.search(r'random_only: difference [+-][\d.]+ \[([+-][\d.]+), ([+-][\d.]+)\]', p.stdout).groups())
     assert lo <= s[0] - s[1] <= hi
     assert len(neurons_of(tmp_path / 'crate' / 'interp')) == 12
+    swapped = R.compare([str(tmp_path / 'gpt2' / 'interp') + '/', str(tmp_path / 'crate' / 'interp')])
+    pair = lambda text: text[text.index('\nCRATE '):].split(':', 1)[1]      # the same pair, whatever the order
+    assert pair(swapped) == pair(p.stdout.rstrip('\n'))
 
 
 def test_bootstrap_interval_covers_the_mean_at_its_nominal_rate():
