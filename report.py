@@ -205,24 +205,46 @@ def write_report(folder, summary, neuron_rows, decode):
         f.write(''.join(parts))
 
 
+def read_run(folder):
+    """An interp folder's summary.json, and its neurons' scores {method: {layer: [score]}} from neurons.jsonl."""
+    path = os.path.join(folder, 'summary.json')
+    if not os.path.exists(path):
+        raise ValueError(f"{path} not found: run interpret.py on that checkpoint first")
+    with open(path) as fh:
+        s = json.load(fh)
+    per_method = {}
+    with open(os.path.join(folder, 'neurons.jsonl')) as fh:
+        for row in map(json.loads, fh):
+            for m, sc in row['scores'].items():
+                per_method.setdefault(m, {l: [] for l in s['layer_ids']})[row['layer']].append(sc)
+    return s, per_method
+
+
+def sae_layers(folders):
+    """Several SAEs, one per layer of one model (interp folders joined by '+'), read as one run whose layer l is the
+    SAE on base layer l: the paper's GPT-2 + SAE row at 2 layers and more."""
+    runs = [read_run(f) for f in folders]
+    layers = [s['model'].get('base_layer') for s, _ in runs]
+    first = runs[0][0]
+    if None in layers or len(set(layers)) < len(layers) or len({(s['model']['base_name'], s['simulator_label'],
+                                                                   tuple(sorted(p))) for s, p in runs}) > 1:
+        raise ValueError(f"{'+'.join(folders)}: '+' joins SAEs on different layers of one model, scored by one "
+                         f"simulator on the same protocols; give any other run as a folder of its own")
+    per_method = {m: {l: p[m][0] for l, (_, p) in zip(layers, runs)} for m in runs[0][1]}
+    n = max(layers) + 1
+    s = {**first, 'model': {**first['model'], 'n_layer': n}, 'layer_ids': sorted(layers),
+         'stats': {str(l): r[0]['stats']['0'] for l, r in zip(layers, runs)},
+         'methods': {m: summarize(v, n) for m, v in per_method.items()}}
+    return s, per_method
+
+
 def compare(folders):
     """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons
     and each layer's zero fraction (the share of its neurons' values that are not > 0, over the recorded tokens),
     and CRATE - GPT-2 at each depth: the difference and the relative improvement, each with its interval (the two
-    runs' neurons resampled independently, from their neurons.jsonl)."""
-    runs = []
-    for f in folders:
-        path = os.path.join(f, 'summary.json')
-        if not os.path.exists(path):
-            raise ValueError(f"{path} not found: run interpret.py on that checkpoint first")
-        with open(path) as fh:
-            s = json.load(fh)
-        per_method = {}              # {method: {layer: [scores]}}, for the intervals of the differences
-        with open(os.path.join(f, 'neurons.jsonl')) as fh:
-            for row in map(json.loads, fh):
-                for m, sc in row['scores'].items():
-                    per_method.setdefault(m, {l: [] for l in s['layer_ids']})[row['layer']].append(sc)
-        runs.append((f, s, per_method))
+    runs' neurons resampled independently, from their neurons.jsonl). A folder may be SAEs' folders joined by '+'
+    (see sae_layers)."""
+    runs = [(f, *(read_run(f) if os.path.exists(f) or '+' not in f else sae_layers(f.split('+')))) for f in folders]
     cols = ['top_and_random', 'random_only', 'anthropic']
 
     def figure(s, method):   # (mean, interval); the paper leaves out the last layer at 6L and 12L

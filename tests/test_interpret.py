@@ -12,7 +12,7 @@ from conftest import DEAD, PLANT, TOKEN, planted_model, run, save
 import interpret as I
 import report as R
 from bench import record_bytes
-from model import ModelConfig, Transformer
+from model import ModelConfig, SparseAutoencoder, Transformer
 
 
 @pytest.fixture(scope='module')
@@ -200,6 +200,27 @@ def test_compare_two_runs(val_dir, tmp_path):
     swapped = R.compare([str(tmp_path / 'gpt2' / 'interp') + '/', str(tmp_path / 'crate' / 'interp')])
     pair = lambda text: text[text.index('\nCRATE '):].split(':', 1)[1]      # the same pair, whatever the order
     assert pair(swapped) == pair(p.stdout.rstrip('\n'))
+
+
+def test_compare_joins_one_sae_per_layer_into_one_run(val_dir, tmp_path):
+    """The paper's GPT-2 + SAE row at 2 layers: the SAEs on layers 0 and 1, joined by '+', are one run whose layer l
+    is the SAE on base layer l, its mean the mean of the two layers' means."""
+    torch.manual_seed(3)
+    save(Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64, attn='mha', ffn='mlp')),
+         tmp_path / 'gpt2', 3.5)
+    for l in (0, 1):
+        sae = SparseAutoencoder(64, 128)
+        torch.save({'model': sae.state_dict(), 'model_args': {},
+                    'sae': {'base': str(tmp_path / 'gpt2'), 'layer': l, 'n_features': 128, 'l1': 1e-3}},
+                   tmp_path / f'sae{l}.pt')
+        run('interpret.py', f'--ckpt={tmp_path / f"sae{l}.pt"}', f'--data={val_dir}', f'--out={tmp_path / f"i{l}"}', *ARGS)
+    means = [json.load(open(tmp_path / f'i{l}' / 'summary.json'))['methods']['top_and_random']['model']['mean']
+             for l in (0, 1)]
+    p = run('interpret.py', '--compare', f'{tmp_path / "i0"}+{tmp_path / "i1"}')
+    row = next(l for l in p.stdout.splitlines() if l.startswith(f'| {tmp_path / "i0"}+'))
+    assert '| GPT-2 + SAE | 2 | – |' in row and f'| {(means[0] + means[1]) / 2:.2f} [' in row
+    p = run('interpret.py', '--compare', f'{tmp_path / "i0"}+{tmp_path / "i0"}', check=False)
+    assert p.returncode == 2 and "'+' joins SAEs on different layers of one model" in p.stderr
 
 
 def test_bootstrap_interval_covers_the_mean_at_its_nominal_rate():
