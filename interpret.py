@@ -32,12 +32,15 @@ import os
 import re
 import signal
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from configurator import configure, fail, mixed_precision, pick_device, script_defaults
+from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expected_from_logprobs, expected_value,
+                 ten_after_one)
 from model import load_model, model_name
 from prepare import PrepareError, gpt2_tokenizer
 from report import compare, markdown, summarize, write_report
@@ -52,7 +55,8 @@ protocol = 'all'             # 'openai', 'anthropic' or 'all'
 n_openai = 8000              # sequences for the OpenAI protocol (the paper's N)
 n_anthropic = 800            # sequences for the Anthropic protocol (a prefix of the same stream)
 seq_len = 0                  # 0: the model's block_size
-batch_size = 8               # sequences per forward pass
+excerpt_edges = 'stream'     # 'stream': excerpts run on into the next sequence (the authors'); 'sequence': cut there
+batch_size = 8               # sequences per forward pass (the records do not depend on it)
 seed = 0
 simulator = 'chat'           # 'chat', 'all-at-once' (the paper's, prompt logprobs) or 'tokens' (offline baseline)
 explainer_model = ''         # e.g. mistralai/Mistral-7B-Instruct-v0.2
@@ -75,8 +79,9 @@ dtype = 'float32'            # 'float32' or 'bfloat16' (recording)
 # -----------------------------------------------------------------------------------------------------------
 
 TOP, RAND, BANDS, BAND_ITEMS = 50, 50, 11, 20
+TOKENS_LABEL = 'token-lookup baseline, not the LLM metric'
 WINDOW = {'openai': (32, 32), 'anthropic': (4, 4)}   # tokens before pos, from pos on
-PEAK_RUN = 32                # OpenAI recording: a neuron's maximum over runs of up to this many positions
+POOL = 900                   # Anthropic: random positions per neuron its band items are drawn from (75 a band)
 EVEN = [0, 2, 4, 6, 8]
 SETS = {  # scoring method -> (protocol, explanation records, scoring records); 'ooc:i' = record i cut to 3 tokens
     'top_and_random': ('openai', EVEN, [1, 3, 5, 7, 9] + [TOP + i for i in EVEN]),
@@ -144,6 +149,12 @@ def setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai, n_anthropic,
     if short:
         print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} use(s) "
               f"{len(stream)}; the summary records the number used", file=sys.stderr)
+    if 'anthropic' in sizes and sizes['anthropic'] * T < RAND + POOL:
+        fix = (f"raise --n_anthropic to {math.ceil((RAND + POOL) / T)}" if n_anthropic < len(stream) else
+               f"{data}/val.bin holds no more: prepare more validation text, or use --protocol=openai")
+        raise InterpretError(f"the Anthropic protocol draws {RAND} random and {POOL} band positions from at least "
+                             f"{RAND + POOL} tokens, and {sizes['anthropic']} sequences of {T} hold "
+                             f"{sizes['anthropic'] * T}: {fix}")
     vocab = getattr(model, "base", model).config.vocab_size
     if stream.max() >= vocab:
         raise InterpretError(f"{data}/val.bin holds token id {stream.max()} but the model's vocabulary is "
@@ -151,7 +162,7 @@ def setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai, n_anthropic,
     return model, stream, sizes, layer_ids, cols
 
 
-# --- 1. record: one forward pass, every protocol, layer and neuron at once -----------------------------------------
+# --- 1. record: every protocol, layer and neuron in one forward pass (and the bands' counts in a second) -------------
 
 def read_stream(data_dir, n_seq, T):
     """The first n_seq non-overlapping length-T sequences of val.bin, (n, T) int64."""
@@ -165,20 +176,27 @@ def read_stream(data_dir, n_seq, T):
     return np.asarray(val[:n * T], dtype=np.int64).reshape(n, T)
 
 
-def forward_neurons(model, seqs, device, autocast, batch_size):
-    """Yield (first sequence index, [per-layer neurons (B, T, h)]) over seqs in batches."""
+def forward_neurons(model, seqs, layer_ids, cols, device, autocast, batch_size):
+    """Yield (first stream position, {layer: (positions, selected neurons) float32}, {layer: all its neurons})."""
+    T, hidden = seqs.shape[1], model.config.hidden
     for i in range(0, len(seqs), batch_size):
         x = torch.from_numpy(seqs[i:i + batch_size]).to(device)
         with torch.no_grad(), autocast:
             _, _, acts = model(x, return_neurons=True)
-        yield i, acts
+        full = {l: acts[l].float().reshape(-1, hidden) for l in layer_ids}
+        yield i * T, {l: a if len(cols[l]) == hidden else a[:, torch.as_tensor(cols[l], device=device)]
+                      for l, a in full.items()}, full
 
 
-def window_positions(pos, protocol, P):
-    """(..., w) stream positions of the excerpts around pos, -1 where clipped at the stream's ends."""
+def window_positions(pos, protocol, P, T=None):
+    """(..., w) stream positions of the excerpts around pos, -1 beyond the stream's P positions (and, given T, beyond
+    the length-T sequence that holds pos)."""
     before, after = WINDOW[protocol]
     w = pos[..., None] + np.arange(-before, after)
-    return np.where((w >= 0) & (w < P), w, -1)
+    keep = (w >= 0) & (w < P)
+    if T:
+        keep &= w // T == pos[..., None] // T
+    return np.where(keep, w, -1)
 
 
 def random_positions(P, k, seed, *key):
@@ -186,181 +204,99 @@ def random_positions(P, k, seed, *key):
     return np.random.default_rng([seed, *key]).choice(P, size=k, replace=False)
 
 
-def top_and_random(P, T, layer_ids, cols, dev, protocol, seed, key, n_random=RAND):
-    """A recorder of one protocol's top-k and random excerpts over a stream of P positions, fed batch by batch:
-    add(first position, {layer: (positions, neurons) activations of the selected neurons}), then finish() -> records.
-    Memory does not grow with P: per neuron a running top-k on the device with each entry's excerpt, plus the
-    excerpts of its random positions. A batch is merged once the next one has arrived, so that excerpts crossing
-    into a neighbouring batch can be read."""
+def sort_keys(values, positions):
+    """int64 keys that order like (value, then the earlier position first): the value's float32 bits, made to order
+    like the value, above 2^32 - 1 minus the position. Keys are distinct, so a top-k of them is one answer, whatever
+    the batches were."""
+    bits = (values + 0.0).view(torch.int32).long()                  # + 0.0 turns -0.0 into 0.0
+    bits = torch.where(bits < 0, -1 - (bits & 0x7FFFFFFF), bits)    # negative floats: the larger the bits, the smaller
+    return bits * 2**32 + (2**32 - 1 - positions)
+
+
+def recorder(protocol, P, neurons, n_random, seed, key, l, dev):
+    """One protocol's record of one layer's neurons over a stream of P positions: each neuron's top-k (its sort keys
+    high to low, and the k-th value) and its n_random seeded random positions, with the excerpt around each."""
+    n, k, W = len(neurons), min(TOP, P), sum(WINDOW[protocol])
+    rand = np.stack([random_positions(P, min(n_random, P), seed, key, l, j) for j in neurons])
+    return {'keys': torch.full((n, k), torch.iinfo(torch.long).min, device=dev),      # below every real key
+            'kth': torch.full((n,), -float('inf'), device=dev),
+            'top': torch.full((n, k, W), float('nan'), device=dev), 'rand': torch.as_tensor(rand, device=dev),
+            'rand_acts': torch.full(rand.shape + (W,), float('nan'), device=dev)}
+
+
+def add_batch(r, protocol, ts, a, context):
+    """Merge a batch (first position ts, activations a (positions, n)) into a recorder. context: a's rows with
+    WINDOW's rows of the batches around it before and after, NaN beyond the stream: every excerpt of a position in a
+    lies in it."""
+    (n, k), W = r['keys'].shape, sum(WINDOW[protocol])
+    offsets = torch.arange(W, device=a.device)
+    read = lambda rows, neuron: context[rows[:, None] + offsets, neuron[:, None]]          # (m, W) excerpts
+    # A later position enters the top-k only with a value above the k-th, and after the first batches few do: only
+    # those are sorted in (3x faster than a top-k of every value on the 2-core CPU, bench.py --what=record).
+    row, neuron = torch.nonzero(a > r['kth'], as_tuple=True)
+    if len(row):
+        keys = torch.cat([r['keys'].view(-1), sort_keys(a[row, neuron], ts + row)])
+        owner = torch.cat([torch.arange(n, device=a.device).repeat_interleave(k), neuron])
+        order = torch.sort(keys, descending=True).indices
+        order = order[torch.sort(owner[order], stable=True).indices]        # by neuron, each one's keys high to low
+        size = k + torch.bincount(neuron, minlength=n)
+        rank = torch.arange(len(order), device=a.device) - (torch.cumsum(size, 0) - size).repeat_interleave(size)
+        keep = order[rank < k]                                                # each neuron's best k, in rank order
+        old, new = keep[keep < n * k], keep[keep >= n * k] - n * k
+        top = torch.empty((n * k, W), device=a.device)
+        top[keep < n * k], top[keep >= n * k] = r['top'].view(n * k, W)[old], read(row[new], neuron[new])
+        r['keys'], r['top'] = keys[keep].view(n, k), top.view(n, k, W)
+        r['kth'] = r['top'][:, -1, WINDOW[protocol][0]].nan_to_num(-float('inf'))  # an excerpt's middle: its value
+    neuron, item = torch.nonzero((r['rand'] >= ts) & (r['rand'] < ts + len(a)), as_tuple=True)
+    r['rand_acts'][neuron, item] = read(r['rand'][neuron, item] - ts, neuron)
+
+
+def with_context(protocol, prev, cur, nxt, P):
+    """(first position, activations, activations with the excerpts' context) of batch cur, cut to the stream's first
+    P positions, for each layer. prev and nxt are the batches around it (or None at the stream's ends)."""
     before, after = WINDOW[protocol]
-    k = min(TOP, P)
-    offsets = torch.arange(-before, after, device=dev)
-    G = math.gcd(T, PEAK_RUN)   # positions a peak covers: it divides every batch
-    state = {}
-    for l in layer_ids:
-        n = len(cols[l])
-        rand = np.stack([random_positions(P, min(n_random, P), seed, key, l, j) for j in cols[l]])
-        by_pos = np.argsort(rand, axis=None, kind='stable')    # random entries in stream order, sliced per batch
-        state[l] = {'vals': torch.full((k, n), -float('inf'), device=dev),
-                    'pos': torch.zeros((k, n), dtype=torch.long, device=dev),
-                    'rand': torch.as_tensor(rand, device=dev),
-                    'rand_sorted': rand.reshape(-1)[by_pos], 'rand_order': torch.as_tensor(by_pos, device=dev),
-                    'win': torch.full((k + rand.shape[1], n, len(offsets)), float('nan'), device=dev),  # top, random
-                    'neuron': torch.arange(n, device=dev)}
-    recent = []   # (first position, {layer: (positions, neurons)}): the last two batches and the end of the one before
-    waiting = None   # the last batch added, merged once the next one is
-
-    def windows(l, ts, a, pos, neuron):
-        """Activations of `neuron` on the excerpt around each position of the batch a (first position ts). Most
-        excerpts lie inside it and take one gather; those that cross into a neighbour are read from `recent` (the
-        previous batch's end, this batch, the next), NaN beyond the stream's ends."""
-        p, W = pos - ts, before + after
-        if len(a) >= W:   # a strided view of every excerpt of the batch, (positions, neurons, W): no index arithmetic
-            vals = a.unfold(0, W, 1)[(p - before).clamp(0, len(a) - W), neuron]
-            cross = torch.nonzero((p < before) | (p + after > len(a))).squeeze(1)
-        else:             # a short last batch: every excerpt crosses
-            vals, cross = torch.empty((len(p), W), device=dev), torch.arange(len(p), device=dev)
-        if len(cross):
-            wp, nc = pos[cross, None] + offsets, neuron[cross, None]
-            v = torch.full(wp.shape, float('nan'), device=dev)
-            for start, acts in recent:
-                b = acts[l]
-                i = wp - start
-                v = torch.where((i >= 0) & (i < len(b)), b[i.clamp(0, len(b) - 1), nc], v)
-            vals[cross] = v
-        return vals
-
-    def replacements(st, a, peaks, ts):
-        """(slot, neuron, value, position) of the entries of batch a (first position ts) that enter the top-k.
-        Contenders are values above their neuron's k-th best. The maxima of runs of G positions (peaks) find the
-        (run, neuron) pairs that hold any, so only those runs are compared, not all B*T*h activations."""
-        kth = st['vals'].min(0).values
-        c, s = torch.nonzero((peaks > kth).T, as_tuple=True)                      # pairs in neuron order
-        pair_acts = a.view(-1, G, a.shape[1])[s, :, c]                             # (pairs, G)
-        p, t = torch.nonzero(pair_acts > kth[c, None], as_tuple=True)
-        r, c, v = s[p] * G + t, c[p], pair_acts[p, t]                              # by neuron, then position
-        if not len(r):
-            return r, c, v, r                                                      # none (all empty)
-        # pack each neuron's contenders into a column of a small dense block: (most per neuron, neurons)
-        counts = torch.bincount(c, minlength=a.shape[1])
-        cand = torch.nonzero(counts).squeeze(1)
-        col = torch.cumsum(counts > 0, 0)[c] - 1
-        row = torch.arange(len(c), device=dev) - (torch.cumsum(counts, 0) - counts)[c]
-        block = torch.full((int(counts.max()), len(cand)), -float('inf'), device=dev)
-        block_pos = torch.zeros(block.shape, dtype=torch.long, device=dev)
-        block[row, col], block_pos[row, col] = v, ts + r
-        # c contenders can push out only the c lowest old entries: rank those m against the block and keep m
-        m = min(len(block), k)
-        low, low_slot = torch.topk(st['vals'][:, cand], m, dim=0, largest=False, sorted=False)
-        vals, idx = torch.sort(torch.cat([low, block]), dim=0, descending=True, stable=True)  # ties: old stays
-        c, r = torch.nonzero((idx[:m] >= m).T, as_tuple=True)                 # new entries that stay
-        oc, orow = torch.nonzero((idx[m:] < m).T, as_tuple=True)              # old ones pushed out, as many
-        return low_slot[idx[m + orow, oc], oc], cand[c], vals[r, c], block_pos[idx[r, c] - m, c]  # freed slots
-
-    def merge(ts, acts, peaks):
-        """Merge a batch into each neuron's top-k. The top-k lives in k slots per neuron (unordered); a new entry
-        takes the slot of one it pushed out, so only new entries' excerpts are read; after the first batches
-        they are few. The excerpts of the random positions in the batch are read with them."""
-        for l, st in state.items():
-            a = acts[l]
-            if ts == 0:   # the first batch: every value would contend, so its own top-k fills the slots
-                top, rows = torch.topk(a, min(k, len(a)), dim=0)
-                grid = torch.meshgrid(torch.arange(len(top), device=dev), st['neuron'], indexing='ij')
-                slot, neuron, vals, pos = grid[0].reshape(-1), grid[1].reshape(-1), top.reshape(-1), rows.reshape(-1)
-            else:
-                slot, neuron, vals, pos = replacements(st, a, peaks[l], ts)
-            st['vals'][slot, neuron], st['pos'][slot, neuron] = vals, pos
-            lo, hi = np.searchsorted(st['rand_sorted'], [ts, ts + a.shape[0]])   # random positions in this batch
-            ri, nr = st['rand_order'][lo:hi], st['rand'].shape[1]              # flat indices into (neurons, RAND)
-            slot, neuron = torch.cat([slot, k + ri % nr]), torch.cat([neuron, ri // nr])
-            pos = torch.cat([pos, st['rand'].view(-1)[ri]])
-            if len(pos):
-                st['win'][slot, neuron] = windows(l, ts, a, pos, neuron)
-
-    def add(ts, sel):
-        nonlocal recent, waiting
-        peaks = {l: a.view(-1, G, a.shape[1]).amax(1) for l, a in sel.items()}   # maxima of runs of G positions
-        recent = recent[-2:] + [(ts, sel)]
-        if waiting:
-            merge(*waiting)          # the batch before this one: both its neighbours are at hand
-            t0, done, _ = waiting    # later excerpts reach back into its last `before` positions only
-            recent[-2] = (t0 + len(done[layer_ids[0]]) - before, {l: a[-before:].clone() for l, a in done.items()})
-        waiting = (ts, sel, peaks)
-
-    def finish():
-        merge(*waiting)
-        records = {}
-        for l, st in state.items():
-            order = torch.argsort(st['vals'], dim=0, descending=True, stable=True)     # slots in rank order
-            neuron = st['neuron'][None, :].expand_as(order)
-            pos = torch.cat([st['pos'][order, neuron].T, st['rand']], 1).cpu().numpy()
-            records[l] = {'pos': pos,
-                          'acts': torch.cat([st['win'][order, neuron], st['win'][k:]]).transpose(0, 1).cpu().numpy(),
-                          'alive': (st['vals'].max(0).values > 0).cpu()}               # a neuron's best value says it
-        return records
-    return add, finish
+    ts, out = cur[0], {}
+    for l, a in cur[1].items():
+        a = a[:P - ts]
+        head = prev[1][l][-before:] if prev else a[:0]
+        tail = nxt[1][l][:max(0, P - nxt[0])][:after] if nxt else a[:0]
+        nan = lambda m: torch.full((m, a.shape[1]), float('nan'), device=a.device)
+        out[l] = (a, torch.cat([nan(before - len(head)), head, a, tail, nan(after - len(tail))]))
+    return ts, out
 
 
-# Anthropic's rank bands need each neuron's quantiles. Values are binned, order-preserving, by their float32 bits:
-# exact zero alone in the middle bin, and each binade of magnitudes in [2^MAG_LO, 2^MAG_HI) split in 2^QUANT_BITS
-# bins (relative width 2^-4 = 6.25%), smaller and larger magnitudes in one end bin per sign. Positions in one bin are
-# ranked as ties, in a seeded random order. So the bands are exact for the binned values: an item of band b has a
-# value within one bin of the band's value range. Ties at zero, the common case, are exact.
-QUANT_BITS, MAG_LO, MAG_HI = 4, -20, 12
-MAG_BINS = ((MAG_HI - MAG_LO) << QUANT_BITS) + 2          # per sign, the two end bins included
-NBINS = 2 * MAG_BINS + 1
+def count_ranks(counts, a, pool):
+    """counts (2, n, R) += per neuron, how many values of a (positions, n) lie above each of its sorted pool values
+    (n, R) ([0]), and at or above them ([1])."""
+    x = a.T.contiguous()
+    x = x.sort(1).values if x.is_cuda else torch.from_numpy(np.sort(x.numpy(), 1))   # numpy's is 8x torch's on a CPU
+    counts[0] += len(a) - torch.searchsorted(x, pool, right=True)
+    counts[1] += len(a) - torch.searchsorted(x, pool)
 
 
-# The band items are drawn from a pool of POOL uniformly random positions per neuron, recorded with their excerpts in
-# the same pass: each lands in a band with probability 1/12, so a band holds 75 of them on average, and fewer than
-# BAND_ITEMS with probability 1.9e-15 (binomial, 900, 1/12). A band's items, drawn uniformly from the pool positions
-# in it, are a uniform sample of the band.
-POOL = 900
-
-
-def value_bins(a):
-    """float32 values -> int32 bins in [0, NBINS), monotone in the value; bin MAG_BINS is exactly zero (either sign)."""
-    bits = a.view(torch.int32)
-    mag = ((bits & 0x7FFFFFFF) >> (23 - QUANT_BITS)) - ((127 + MAG_LO) << QUANT_BITS) + 1   # 1 = the binade 2^MAG_LO
-    return MAG_BINS + torch.sign(a).int() * (mag.clamp_(0, MAG_BINS - 1) + 1)
-
-
-def count_bins(counts, a, chunk=128):
-    """counts (n * NBINS) += how often each neuron's values in a (positions, n) fell in each bin. The work goes a
-    chunk of neurons at a time, neuron-major, which keeps its temporaries in cache and makes the counting touch one
-    neuron's counts at a time (5x faster on the 2-core CPU than counting in position-major order)."""
-    at = a.T.contiguous()
-    for j in range(0, len(at), chunk):
-        b = value_bins(at[j:j + chunk])
-        offset = NBINS * torch.arange(len(b), dtype=torch.int32, device=a.device)[:, None]
-        counts[j * NBINS:(j + len(b)) * NBINS] += torch.bincount((b + offset).view(-1), minlength=len(b) * NBINS)
-
-
-def band_items(hist, pool_pos, pool_vals, P, l, neurons, seed):
-    """Per neuron, BANDS x BAND_ITEMS indices into its pool: BAND_ITEMS drawn uniformly from the pool positions that
-    fall in each of the 11 bands below the top twelfth of its values ranked high to low (hist: (n, NBINS) counts over
-    all P positions). A pool position's rank is uniform among its bin's ranks, distinct ones within a bin that
-    straddles a band edge (a bin is a tie, ranked in a seeded random order)."""
+def band_items(values, counts, P, l, neurons, seed):
+    """Per neuron, BANDS x BAND_ITEMS indices into its pool of random positions with values (n, R): BAND_ITEMS drawn
+    uniformly from the pool positions whose rank among all P values (high to low) lies in each of the 11 equal-count
+    bands below the top twelfth. counts are count_ranks' over all P values; a pool value's rank is exact, and a
+    value that ties others is ranked among them in a seeded random order."""
     edges = np.array([P * b // 12 for b in range(13)])
-    desc = hist[:, ::-1]                                       # counts from the highest bin down
-    above = np.cumsum(desc, 1) - desc                          # ranks before each bin
-    idx = NBINS - 1 - value_bins(torch.from_numpy(pool_vals)).numpy()
+    order = np.argsort(values, axis=1, kind='stable')
     out = np.zeros((len(neurons), BANDS * BAND_ITEMS), dtype=np.int64)
     for r, neuron in enumerate(neurons):
         rng = np.random.default_rng([seed, 1, l, neuron])
-        i = idx[r]
-        start, count = above[r][i], desc[r][i]
-        rank = start + (rng.random(len(i)) * count).astype(np.int64)
-        first, last = np.searchsorted(edges, start, 'right') - 1, np.searchsorted(edges, start + count - 1, 'right') - 1
-        for b in np.unique(i[first != last]):                  # a bin across a band edge: distinct ranks
-            where = np.nonzero(i == b)[0]
-            rank[where] = above[r][b] + rng.choice(desc[r][b], len(where), replace=False)
+        greater, ties = np.empty(values.shape[1], np.int64), np.empty(values.shape[1], np.int64)
+        greater[order[r]], ties[order[r]] = counts[0, r], counts[1, r] - counts[0, r]
+        rank = greater + (rng.random(len(greater)) * ties).astype(np.int64)
+        for v in np.unique(values[r][ties > 1]):                           # tied pool values: distinct ranks
+            same = np.nonzero(values[r] == v)[0]
+            if len(same) > 1:
+                rank[same] = greater[same[0]] + rng.choice(ties[same[0]], len(same), replace=False)
         band = np.searchsorted(edges, rank, 'right') - 1
         for b in range(1, 12):
             members = np.nonzero(band == b)[0]
             if len(members) < BAND_ITEMS:
-                raise InterpretError(f"layer {l} neuron {neuron}: {len(members)} of the {len(i)} pool positions fell in "
-                                     f"band {b}, fewer than {BAND_ITEMS} (chance about 1e-15); run again with another --seed")
+                raise InterpretError(f"layer {l} neuron {neuron}: {len(members)} of the {len(rank)} pool positions fell "
+                                     f"in band {b}, fewer than {BAND_ITEMS} (chance about 1e-15); run with another --seed")
             out[r, (b - 1) * BAND_ITEMS:b * BAND_ITEMS] = rng.choice(members, BAND_ITEMS, replace=False)
     return out
 
@@ -368,59 +304,69 @@ def band_items(hist, pool_pos, pool_vals, P, l, neurons, seed):
 def update_stats(s, a):
     """Accumulate LLM-free statistics of one layer from (positions, h) float32 activations; nonzero counts those > 0."""
     s['tokens'] = s.get('tokens', 0) + a.shape[0]
-    bits = a.view(torch.int32)   # a float is > 0 exactly when its bits as an int32 are; faster than a > 0
-    count = torch.int32 if bits.numel() < 2**31 else torch.int64
-    s['nonzero'] = s.get('nonzero', 0) + bits.clamp(0, 1).sum(dtype=count).item()
+    s['nonzero'] = s.get('nonzero', 0) + int((a > 0).sum())
 
 
-def record(model, stream, sizes, layer_ids, cols, dev, autocast, batch_size=8, seed=0):
-    """Every protocol's records, all layers and neurons at once, in one forward pass over the longest protocol's
-    prefix of the stream (sizes: {protocol: sequences}), each protocol fed its own prefix: the OpenAI top and random
-    excerpts; the Anthropic top and random excerpts, a pool of random excerpts for its bands, and each neuron's
-    histogram of binned values, from which the bands are cut at the end. Returns the records,
-    {protocol: {layer: {'pos', 'win', 'acts'}}}, and per layer the counts of every neuron's values (not only the
-    selected ones): tokens, values > 0, and which neurons were ever > 0."""
-    T, hidden = stream.shape[1], model.config.hidden
+def record(model, stream, sizes, layer_ids, cols, dev, autocast, batch_size=8, seed=0, within_sequence=False):
+    """Every protocol's records, all layers and neurons at once, each protocol over its prefix of the stream (sizes:
+    {protocol: sequences}): the top and random excerpts, and the Anthropic band items. Ties are ordered by stream
+    position, so the records do not depend on batch_size. A band item needs its exact rank among all the Anthropic
+    values: the items are drawn from a pool of POOL random positions per neuron, recorded in the first pass, whose
+    ranks a second pass over the Anthropic prefix counts. Returns the records, {protocol: {layer: {'pos', 'win',
+    'acts'}}}, and per layer counts over every neuron (not only the selected): tokens, values > 0, and 'alive'."""
+    T = stream.shape[1]
     if batch_size * T < max(WINDOW['openai']):
         raise InterpretError(f"batch_size x seq_len must be at least {max(WINDOW['openai'])} tokens")
-    n_anth = sizes.get('anthropic', 0)
-    if n_anth and n_anth * T < 12 * BAND_ITEMS:
-        raise InterpretError(f"the Anthropic protocol needs at least {12 * BAND_ITEMS} tokens; raise --n_anthropic")
-    recorders = {'openai': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'openai', seed, 0),
-                 'anthropic': lambda n: top_and_random(n * T, T, layer_ids, cols, dev, 'anthropic', seed, 2,
-                                                       RAND + POOL)}
-    recorders = {p: recorders[p](n) for p, n in sizes.items()}
-    pick = {l: None if len(cols[l]) == hidden else torch.as_tensor(cols[l], device=dev) for l in layer_ids}
-    hists = {l: torch.zeros(len(cols[l]) * NBINS, dtype=torch.long, device=dev) for l in layer_ids} if n_anth else {}
-    n1, stats = max(sizes.values()), {l: {} for l in layer_ids}
-    batches = forward_neurons(model, stream[:n1], dev, autocast, batch_size)
-    for i, acts in tqdm(batches, total=math.ceil(n1 / batch_size), desc='records', unit='batch', file=sys.stderr):
-        sel = {}
-        for l in layer_ids:
-            full = acts[l].float().reshape(-1, hidden)
-            update_stats(stats[l], full)
-            sel[l] = full if pick[l] is None else full[:, pick[l]]
+    recs = {p: {l: recorder(p, n * T, cols[l], RAND + (POOL if p == 'anthropic' else 0), seed,
+                            0 if p == 'openai' else 2, l, dev) for l in layer_ids} for p, n in sizes.items()}
+
+    def merge(prev, cur, nxt):
         for p, n in sizes.items():
-            if i < n:    # the batch's positions that lie in the protocol's first n sequences
-                m = (min(n, i + len(acts[layer_ids[0]])) - i) * T
-                recorders[p][0](i * T, {l: a[:m] for l, a in sel.items()})
-                if p == 'anthropic':
-                    for l, a in sel.items():
-                        count_bins(hists[l], a[:m])
-    records = {p: rec[1]() for p, rec in recorders.items()}
+            if cur[0] < n * T:
+                ts, layers = with_context(p, prev, cur, nxt, n * T)
+                for l, (a, context) in layers.items():
+                    add_batch(recs[p][l], p, ts, a, context)
+
+    n1, stats = max(sizes.values()), {l: {} for l in layer_ids}
+    prev = cur = None         # a batch is merged once the next one is here: its excerpts may reach into both
+    batches = forward_neurons(model, stream[:n1], layer_ids, cols, dev, autocast, batch_size)
+    for ts, sel, full in tqdm(batches, total=math.ceil(n1 / batch_size), desc='records', unit='batch', file=sys.stderr):
+        for l, a in full.items():
+            update_stats(stats[l], a)
+        if cur:
+            merge(prev, cur, (ts, sel))
+        prev, cur = cur, (ts, sel)
+    merge(prev, cur, None)
     for l in layer_ids:
-        stats[l]['alive'] = records[next(iter(sizes))][l]['alive']
-    if n_anth:    # the pool's excerpts become the bands' items
-        before = WINDOW['anthropic'][0]
-        for l in layer_ids:
-            r, k = records['anthropic'][l], TOP + RAND
-            pool = band_items(hists[l].view(len(cols[l]), NBINS).cpu().numpy(), r['pos'][:, k:],
-                              r['acts'][:, k:, before], n_anth * T, l, cols[l], seed)
-            rows = np.arange(len(cols[l]))[:, None]
-            r['pos'] = np.concatenate([r['pos'][:, :k], r['pos'][:, k:][rows, pool]], 1)
-            r['acts'] = np.concatenate([r['acts'][:, :k], r['acts'][:, k:][rows, pool]], 1)
-    return {p: {l: {'pos': r['pos'], 'win': window_positions(r['pos'], p, sizes[p] * T), 'acts': r['acts']}
-                for l, r in recs.items()} for p, recs in records.items()}, stats
+        r = recs[next(iter(sizes))][l]            # the longer prefix: a neuron's best value says if it ever fired
+        stats[l]['alive'] = (r['top'][:, 0, WINDOW[next(iter(sizes))][0]] > 0).cpu()
+
+    if 'anthropic' in sizes:  # the second pass: the rank of every pool value among all the Anthropic values
+        before, n = WINDOW['anthropic'][0], sizes['anthropic']
+        pools = {l: r['rand_acts'][:, RAND:, before] for l, r in recs['anthropic'].items()}
+        ranked = {l: v.sort(1).values.contiguous() for l, v in pools.items()}
+        counts = {l: torch.zeros((2,) + v.shape, dtype=torch.long, device=dev) for l, v in pools.items()}
+        batches = forward_neurons(model, stream[:n], layer_ids, cols, dev, autocast, batch_size)
+        for _, sel, _ in tqdm(batches, total=math.ceil(n / batch_size), desc='band ranks', unit='batch', file=sys.stderr):
+            for l, a in sel.items():
+                count_ranks(counts[l], a, ranked[l])
+        for l, r in recs['anthropic'].items():
+            pick = band_items(pools[l].cpu().numpy(), counts[l].cpu().numpy(), n * T, l, cols[l], seed)
+            rows = torch.as_tensor(np.arange(len(cols[l]))[:, None], device=dev)
+            pick = torch.as_tensor(pick, device=dev) + RAND
+            r['bands'], r['bands_acts'] = r['rand'][rows, pick], r['rand_acts'][rows, pick]
+
+    out = {}
+    for p, by_layer in recs.items():
+        out[p] = {}
+        for l, r in by_layer.items():
+            pos, acts = [2**32 - 1 - r['keys'] % 2**32, r['rand'][:, :RAND]], [r['top'], r['rand_acts'][:, :RAND]]
+            if p == 'anthropic':
+                pos, acts = pos + [r['bands']], acts + [r['bands_acts']]
+            pos, acts = torch.cat(pos, 1).cpu().numpy(), torch.cat(acts, 1)
+            win = window_positions(pos, p, sizes[p] * T, T if within_sequence else None)
+            out[p][l] = {'pos': pos, 'win': win, 'acts': np.where(win >= 0, acts.cpu().numpy(), np.float32('nan'))}
+    return out, stats
 
 
 def record_arrays(cols, recs, stream):
@@ -476,24 +422,16 @@ class TokenTable(dict):
         return self.text
 
 
-class TokenLookup:
-    """The offline baseline in the LLM's place (--simulator=tokens). Its explanation of a neuron is the mean 0-10
-    activation of each token id in the explanation set; its simulation looks each token up (0 if unseen). It
-    measures how much of a neuron's activity the token's identity alone predicts: not the paper's LLM metric."""
-
-    label = 'token-lookup baseline, not the LLM metric'
-    max_no_digit = 0.0          # it predicts a value at every token
-
-    async def explain(self, expl, m, decode):
-        sums, counts = {}, {}
-        for toks, a in expl:
-            for t, q in zip(toks, quantize(a, m)):
-                sums[t] = sums.get(t, 0) + int(q)
-                counts[t] = counts.get(t, 0) + 1
-        return TokenTable({t: sums[t] / counts[t] for t in sums}, decode)
-
-    async def simulate(self, table, scoring, decode):
-        return [np.array([table.get(t, 0.0) for t in toks]) for toks, _ in scoring], False, 0
+def token_table(expl, m, decode):
+    """The token-lookup baseline's explanation (--simulator=tokens, no LLM): the mean 0-10 activation of each token id
+    in the explanation set. Simulating with it looks each token up (0 if unseen): it measures how much of a neuron's
+    activity the token's identity alone predicts, which is not the paper's LLM metric."""
+    sums, counts = {}, {}
+    for toks, a in expl:
+        for t, q in zip(toks, quantize(a, m)):
+            sums[t] = sums.get(t, 0) + int(q)
+            counts[t] = counts.get(t, 0) + 1
+    return TokenTable({t: sums[t] / counts[t] for t in sums}, decode)
 
 
 # --- the LLM roles: explainer and simulators through any OpenAI-compatible server ----------------------------------
@@ -626,13 +564,6 @@ def chat_simulator_question(explanation, tokens):
             f"Reply with {{\"activations\": [{len(tokens)} integers from 0 to 10]}}.")
 
 
-def activation_schema(n):
-    return {'type': 'json_schema', 'json_schema': {'name': 'activations', 'strict': True, 'schema': {
-        'type': 'object', 'additionalProperties': False, 'required': ['activations'],
-        'properties': {'activations': {'type': 'array', 'minItems': n, 'maxItems': n,
-                                       'items': {'type': 'integer', 'minimum': 0, 'maximum': 10}}}}}}
-
-
 def parse_activations(text, n):
     """The n integers 0-10 of an answer: its JSON object's "activations", else a bracketed list [v, v, ...]. Other
     integers in the text (an echo of the numbered listing, say) are not an answer."""
@@ -654,384 +585,81 @@ def parse_activations(text, n):
     return values if ok else None
 
 
-class BadAnswer(Exception):
-    """An answer that cannot be used (malformed, inconsistent, refused for this request only): it fails that
-    request, after bounded retries the neuron, never the run, and it is not cached."""
+# --- 2. explain and 3. simulate, by the LLM (llm.py asks) or the token lookup in its place ---------------------------
+
+class Simulation(NamedTuple):
+    """One excerpt's simulated activations. hard: read as integers from the answer's text (no logprobs for an
+    expected value); no_digit: slots whose alternatives held no 0-10 value (NaN there)."""
+    preds: np.ndarray
+    hard: bool = False
+    no_digit: int = 0
 
 
-def valid_alternatives(alts):
-    """{token: logprob} of an answer's alternatives that are what logprobs must be: a string and a finite
-    number <= 0 (anything else, a server's NaN, 1e308 or a string, is dropped)."""
-    if isinstance(alts, list):
-        alts = {a.get('token'): a.get('logprob') for a in alts if isinstance(a, dict)}
-    if not isinstance(alts, dict):
-        return {}
-    return {t: float(lp) for t, lp in alts.items() if isinstance(t, str) and isinstance(lp, (int, float))
-            and not isinstance(lp, bool) and math.isfinite(lp) and lp <= 1e-6}
+async def explain(llm, expl, m, decode):
+    """An explanation of a neuron from its explanation excerpts (m: their largest activation); None if the LLM gave
+    no usable one. llm None: the token lookup's table."""
+    if llm is None:
+        return token_table(expl, m, decode)
+
+    def check(r):
+        text = clean_explanation(answer(r)[0])
+        if not text:
+            raise BadAnswer('an empty explanation')
+        return text
+    return await llm.ask('explainer', lambda system: explainer_messages(expl, m, decode, system), check,
+                         max_tokens=explainer_max_tokens, temperature=explainer_temperature)
 
 
-VALUES = {str(v) for v in range(11)}
+async def simulate_chat(llm, explanation, tokens):
+    """The chat simulator: all of an excerpt's activations as a JSON list, each the expected value over its first
+    token's top logprobs where the server gives them, else the integers as written (hard)."""
+    n = len(tokens)
+
+    def check(r):
+        text, logprobs = answer(r)
+        values = parse_activations(text, n)
+        if values is None:
+            raise BadAnswer('not n activations from 0 to 10')
+        expected = expected_from_logprobs(logprobs, n) if logprobs else None
+        if expected is None:
+            return Simulation(np.array(values, dtype=np.float64), hard=True)
+        if any(abs(e - v) > 5.5 for e, v in zip(expected, values)):
+            raise BadAnswer('the logprobs contradict the answer')
+        return Simulation(np.array(expected, dtype=np.float64))
+    return await llm.ask('simulator', lambda system: chat_simulator_messages(explanation, tokens, system), check,
+                         schema=n, max_tokens=8 * n + 40, temperature=0)
 
 
-def digit_probs(alts):
-    """{value: probability} of the alternatives that read as a value 0-10 ('10' only where it is one token)."""
-    probs = {}
-    for tok, lp in alts.items():
-        s = tok.strip()
-        if s in VALUES:
-            probs[int(s)] = probs.get(int(s), 0.0) + math.exp(lp)
-    return probs
+async def simulate_all_at_once(llm, explanation, tokens):
+    """The paper's method, one prompt per excerpt: the few-shot block, the explanation, and every token as
+    'token<TAB>unknown'; at each slot (found by its offset in the prompt we built) the prediction is the expected
+    value over the top-k alternatives that read as 0-10, NaN where none does. Where the server writes 10 as '1' then
+    '0' (told by the few-shot block's own 10s), a second prompt with '1' in the slots gives P('0' | '1') at each."""
+    prompt, slots = simulator_prompt(explanation, tokens)
+    try:
+        echoed = await llm.prompt_logprobs(prompt)
+        if llm.ten_split is None:
+            seen = [e[0].strip() for e in at_offsets(echoed, [o for o, v in few_shot_slots() if v == 10]) if e]
+            llm.ten_split = None if not seen else seen[0] != '10'
+        probs = [digit_probs(e[1]) if e else {} for e in at_offsets(echoed, slots)]
+        q = [0.0] * len(slots)
+        if llm.ten_split and any(p.get(1) for p in probs):
+            prompt1, slots1 = simulator_prompt(explanation, tokens, slot='1')
+            echoed1 = await llm.prompt_logprobs(prompt1)
+            q = [ten_after_one(e[1]) if e else 0.0 for e in at_offsets(echoed1, [o + 1 for o in slots1])]
+    except BadAnswer:
+        return None                # an echo of the prompt is not resampled: asking again would not help
+    preds = np.array([expected_value(p, qi) if p else np.nan for p, qi in zip(probs, q)], dtype=np.float64)
+    return Simulation(preds, no_digit=int(np.isnan(preds).sum()))
 
 
-def expected_value(probs, ten_given_one=0.0):
-    """E[value] over the digit alternatives, renormalised. Where the server writes 10 as '1' then '0', the mass of
-    '1' is 1 or 10: ten_given_one = P('0' next | '1') splits it (1 p + 9 p q adds the 10s)."""
-    total = sum(probs.values())
-    if not total:
-        return None
-    ev = sum(v * p for v, p in probs.items()) / total
-    return ev + 9 * probs.get(1, 0.0) / total * ten_given_one
-
-
-def ten_after_one(alts):
-    """P(the value goes on with '0' | it began with '1'), from the alternatives of the token after the '1': '0'
-    against an ending (newline, comma, bracket, space)."""
-    zero = sum(math.exp(lp) for t, lp in alts.items() if t.startswith('0'))
-    end = sum(math.exp(lp) for t, lp in alts.items() if not t.strip() or t.strip()[0] in ',]}\n')
-    return zero / (zero + end) if zero + end else 0.0
-
-
-def expected_from_logprobs(content, n):
-    """Each activation's expected value from a chat answer's tokens with top_logprobs, or None when they do not
-    line up with n numbers. A value's first token gives the digit distribution; where 10 is written as two tokens
-    and the answer wrote '1' then a digit, the next token's alternatives tell 10 from 1 (elsewhere '1' reads 1)."""
-    if not content:
-        return None
-    text, values, prev_digit, pending = '', [], False, None
-    for tok in content:
-        tok = tok if isinstance(tok, dict) else {}
-        piece = tok.get('token') if isinstance(tok.get('token'), str) else ''
-        inside = '[' in text
-        digits = piece.strip(' ,[]\n')
-        alts = valid_alternatives(tok.get('top_logprobs') or [])
-        if pending is not None:       # the token after a value's first token '1'
-            probs = pending
-            q = ten_after_one(alts) if alts else float(piece.startswith('0'))
-            values[-1] = expected_value(probs, q if 10 not in probs else 0.0)
-            pending = None
-        if inside and digits.isdigit() and not prev_digit:
-            alts = alts or {piece: 0.0}
-            probs = digit_probs(alts)
-            if not probs:
-                probs = {int(digits): 1.0} if digits in VALUES else {}
-            values.append(expected_value(probs))
-            if digits == '1' and not piece.rstrip().endswith(','):
-                pending = probs
-        prev_digit = inside and digits.isdigit() and not piece.rstrip().endswith(',')
-        text += piece
-        if inside and ']' in piece:
-            break
-    return values if len(values) == n and all(v is not None for v in values) else None
-
-
-def prompt_tokens(choice, prompt):
-    """[(start offset, token text, {alternative: logprob})] of the prompt's tokens, from an echo (tokens,
-    top_logprobs, text_offset) or vLLM's prompt_logprobs; None when they cannot be aligned with the prompt."""
-    lp = choice.get('logprobs') or {}
-    if lp.get('tokens') and lp.get('top_logprobs') is not None:
-        toks, alts = lp['tokens'], lp['top_logprobs']
-        offsets = lp.get('text_offset') or []
-        if len(offsets) != len(toks):
-            offsets, pos = [], 0
-            for t in toks:
-                offsets.append(pos)
-                pos += len(t or '')
-        if not ''.join(t or '' for t in toks).startswith(prompt):
-            return None
-        return [(o, t or '', valid_alternatives(a)) for o, t, a in zip(offsets, toks, alts) if o < len(prompt)]
-    if choice.get('prompt_logprobs'):      # vLLM: per position {token_id: {logprob, rank, decoded_token}}, the
-        entries = [valid_alternatives({v.get('decoded_token'): v.get('logprob') for v in e.values()})  # the prompt's
-                   for e in choice['prompt_logprobs'] if e is not None]                    # own token among them
-        for start in range(len(prompt)):     # where the first token ends: the offset the rest aligns from
-            out, pos = [], start
-            for alts in entries:
-                match = max((t for t in alts if t and prompt.startswith(t, pos)), key=len, default=None)
-                if match is None:
-                    break
-                out.append((pos, match, alts))
-                pos += len(match)
-            if pos >= len(prompt):
-                return out
-        return None
-    raise InterpretError("the simulator server returned no prompt logprobs, which --simulator=all-at-once needs; "
-                         "use --simulator=chat or --simulator=tokens")
-
-
-def at_offsets(tokens, offsets):
-    """For each character offset, the (text, alternatives) of the prompt token that starts there, else None."""
-    by_start = {o: (t, a) for o, t, a in tokens}
-    return [by_start.get(o) for o in offsets]
-
-
-class LLM:
-    """The two LLM roles, with a cache of every usable answer in llm_cache.jsonl (re-runs make no requests), a
-    bound on the requests in flight that halves when requests time out, and the fallbacks servers need, learned
-    from each role's first request, which goes alone."""
-
-    def __init__(self, folder, mode, base_url, explainer_model, simulator_model='', simulator_base_url='', api_key='',
-                 concurrency=16, max_retries=3, timeout=120.0, explainer_temperature=1.0, explainer_max_tokens=60,
-                 top_logprobs=5, bad_answer_retries=2, max_no_digit=0.1, seed=0):
-        import openai
-        self.openai = openai
-        self.cache_path = os.path.join(folder, 'llm_cache.jsonl')
-        self.cache = {}
-        if os.path.exists(self.cache_path):
-            with open(self.cache_path) as f:
-                text = f.read()
-            for i, line in enumerate(text.split('\n')):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                    self.cache[item['key']] = item['response']
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    print(f"warning: skipping a torn line {i + 1} of {self.cache_path}", file=sys.stderr)
-            if text and not text.endswith('\n'):        # a torn last line: the next record starts on its own line
-                with open(self.cache_path, 'a') as f:
-                    f.write('\n')
-        self.cache_file = open(self.cache_path, 'a')
-        url = base_url or os.environ.get('OPENAI_BASE_URL', '')
-        key = api_key or os.environ.get('OPENAI_API_KEY', '') or 'none'
-        if not url:
-            raise InterpretError("--simulator=chat or all-at-once needs a server: pass --base_url (or set OPENAI_BASE_URL), "
-                                 "or use --simulator=tokens for the offline baseline")
-        self.urls = {'explainer': url, 'simulator': simulator_base_url or url}
-        self.models = {'explainer': explainer_model, 'simulator': simulator_model or explainer_model}
-        for role, name in self.models.items():
-            if not name:
-                raise InterpretError(f"name the {role} model with --explainer_model (and --simulator_model if it differs)")
-        self.clients = {role: openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=max_retries, timeout=timeout)
-                        for role, u in self.urls.items()}
-        self.limit, self.active, self.slots = concurrency, 0, asyncio.Condition()
-        self.mode, self.max_no_digit, self.seed, self.retries = mode, max_no_digit, seed, bad_answer_retries
-        self.temperature, self.max_tokens, self.top_logprobs = explainer_temperature, explainer_max_tokens, top_logprobs
-        self.label = f"explainer {self.models['explainer']}, simulator {self.models['simulator']} ({mode})"
-        self.requests = self.cached = self.prompt_tokens = self.completion_tokens = 0
-        self.fmt = 'json_schema'              # json_schema -> json_object -> text, as far as the server goes
-        self.limit_param = 'max_tokens'       # or max_completion_tokens, when a server refuses max_tokens
-        self.logprobs = True
-        self.system_role = {'explainer': True, 'simulator': True}   # False: its chat template rejects a system turn
-        self.ten_split = None                 # all-at-once: does the simulator write 10 as '1' then '0'?
-        self.probing = {'explainer': False, 'simulator': False}
-        self.probed = {'explainer': asyncio.Event(), 'simulator': asyncio.Event()}
-
-    async def slot(self):
-        async with self.slots:
-            await self.slots.wait_for(lambda: self.active < self.limit)
-            self.active += 1
-
-    async def release(self):
-        async with self.slots:
-            self.active -= 1
-            self.slots.notify_all()
-
-    async def call(self, role, endpoint, attempt, check, **request):
-        """check(response) -> what the caller needs, or BadAnswer. Only an answer that passed is cached."""
-        request['model'] = self.models[role]
-        key = hashlib.sha256(json.dumps([self.urls[role], endpoint, request, attempt], sort_keys=True).encode()).hexdigest()
-        if key in self.cache:
-            try:
-                value = check(self.cache[key])
-                self.cached += 1
-                return value
-            except BadAnswer:
-                del self.cache[key]                     # an older run's answer that no longer passes: ask again
-        api = self.clients[role].chat.completions if endpoint == 'chat' else self.clients[role].completions
-        extra = request.pop('extra_body', None)
-        for tries in range(2):
-            await self.slot()
-            try:
-                response = (await api.create(**request, **({'extra_body': extra} if extra else {}))).model_dump()
-                break
-            except self.openai.APITimeoutError:
-                if self.limit > 1:                      # queued at a server that works one request at a time?
-                    self.limit = max(1, self.limit // 2)
-                    print(f"warning: requests to the {role} server time out; {self.limit} in flight from now on "
-                          f"(a local server: --concurrency=1 or a longer --timeout)", file=sys.stderr)
-                if tries:
-                    raise                               # slow, not unreachable: the neuron is left for a re-run
-            except self.openai.APIConnectionError:
-                raise InterpretError(f"cannot reach the {role} server at {self.urls[role]}; start it or fix --base_url")
-            except self.openai.AuthenticationError:
-                raise InterpretError(f"the {role} server at {self.urls[role]} refused the API key; set --api_key or OPENAI_API_KEY")
-            except self.openai.NotFoundError:
-                raise InterpretError(f"model {self.models[role]!r} not found at {self.urls[role]}; check --{role}_model")
-            except self.openai.APIStatusError:
-                raise                                   # the caller decides: a feature, this request, or the server
-            except (self.openai.APIError, ValueError, TypeError, AttributeError) as e:
-                raise BadAnswer(f"unreadable answer ({type(e).__name__})")   # not JSON, or not the protocol's shape
-            finally:
-                await self.release()
-        if extra:
-            request['extra_body'] = extra
-        self.requests += 1
-        usage = response.get('usage') if isinstance(response.get('usage'), dict) else {}
-        self.prompt_tokens += usage.get('prompt_tokens') or 0
-        self.completion_tokens += usage.get('completion_tokens') or 0
-        value = check(response)
-        self.cache[key] = response
-        self.cache_file.write(json.dumps({'key': key, 'response': response}) + '\n')
-        self.cache_file.flush()
-        return value
-
-    async def chat(self, role, messages, check, attempt=0, schema=None, **request):
-        """A chat request; messages(system_role) builds the turns; schema=n asks for n activations in the
-        best format the server takes. A role's first request goes alone, the others waiting for it: what it
-        learns about the server (max_tokens, a system turn, response formats, logprobs) they use."""
-        if not self.probed[role].is_set():
-            if self.probing[role]:
-                await self.probed[role].wait()
-            else:
-                self.probing[role] = True
-                try:
-                    return await self.chat_once(role, messages, check, attempt, schema, True, request)
-                finally:
-                    self.probed[role].set()
-        return await self.chat_once(role, messages, check, attempt, schema, False, request)
-
-    async def chat_once(self, role, messages, check, attempt, schema, probe, request):
-        while True:
-            req, limit, system, fmt, logprobs = dict(request), self.limit_param, self.system_role[role], self.fmt, self.logprobs
-            if limit != 'max_tokens' and 'max_tokens' in req:
-                req[limit] = req.pop('max_tokens')
-            if schema is not None:
-                if fmt != 'text':
-                    req['response_format'] = activation_schema(schema) if fmt == 'json_schema' else {'type': 'json_object'}
-                if logprobs:
-                    req.update(logprobs=True, top_logprobs=20)
-            try:
-                return await self.call(role, 'chat', attempt, check, messages=messages(system), **req)
-            except (self.openai.BadRequestError, self.openai.InternalServerError) as e:
-                text = str(e).lower()
-                if (limit, system, fmt, logprobs) != (self.limit_param, self.system_role[role], self.fmt, self.logprobs):
-                    continue                            # another request changed a setting meanwhile: send again
-                refused = isinstance(e, self.openai.BadRequestError)
-                if refused and 'max_tokens' in text and limit == 'max_tokens':
-                    self.limit_param = 'max_completion_tokens'
-                elif refused and 'system' in text and system:
-                    self.system_role[role] = False
-                elif refused and 'logprob' in text and schema is not None and logprobs:
-                    self.logprobs = False
-                elif schema is not None and fmt != 'text' and (not refused and probe or refused and any(
-                        w in text for w in ('response_format', 'schema', 'json', 'grammar'))):
-                    # llama.cpp's server answers json_schema with a 500: on the probe a 500 is the format's; a 400
-                    # is the format's only where it names it (a prompt too long for the context is this one's)
-                    self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[fmt]
-                elif refused:
-                    raise BadAnswer(f"the server refused this request ({str(e)[:120]})")   # e.g. too long: this one only
-                else:
-                    raise                               # a server error: the neuron is left for a re-run
-
-    async def explain(self, expl, m, decode):
-        """One explanation; a malformed or empty answer is asked again with another seed."""
-        def check(r):
-            try:
-                text = clean_explanation(r['choices'][0]['message'].get('content'))
-            except (KeyError, IndexError, TypeError, AttributeError):
-                raise BadAnswer('no message in the answer')
-            if not text:
-                raise BadAnswer('an empty explanation')
-            return text
-        for attempt in range(self.retries + 1):
-            try:
-                return await self.chat('explainer', lambda system: explainer_messages(expl, m, decode, system), check,
-                                       attempt, max_tokens=self.max_tokens, temperature=self.temperature,
-                                       seed=self.seed + attempt)
-            except BadAnswer:
-                continue
-        return None
-
-    async def simulate_chat(self, explanation, toks, decode):
-        """(predictions, hard, slots without a digit) for one excerpt, or None after bounded retries of bad answers
-        (retries at temperature 1 with another seed: a deterministic server would repeat its answer)."""
-        tokens = [decode([t]) for t in toks]
-        n = len(tokens)
-
-        def check(r):
-            try:
-                choice = r['choices'][0]
-                text = choice['message'].get('content')
-            except (KeyError, IndexError, TypeError, AttributeError):
-                raise BadAnswer('no message in the answer')
-            values = parse_activations(text, n)
-            if values is None:
-                raise BadAnswer('not n activations from 0 to 10')
-            content = (choice.get('logprobs') or {}).get('content') if isinstance(choice.get('logprobs'), dict) else None
-            if content:
-                if not isinstance(content, list) or ''.join(str((c or {}).get('token', '')) for c in content) != text:
-                    raise BadAnswer('the logprobs do not spell the answer')
-                expected = expected_from_logprobs(content, n)
-                if expected is not None:
-                    if any(abs(e - v) > 5.5 for e, v in zip(expected, values)):
-                        raise BadAnswer('the logprobs contradict the answer')
-                    return np.array(expected, dtype=np.float64), False, 0
-            return np.array(values, dtype=np.float64), True, 0
-        for attempt in range(self.retries + 1):
-            try:
-                return await self.chat('simulator', lambda system: chat_simulator_messages(explanation, tokens, system),
-                                       check, attempt, schema=n, max_tokens=8 * n + 40,
-                                       temperature=0 if attempt == 0 else 1.0, seed=self.seed + attempt)
-            except BadAnswer:
-                continue
-        return None
-
-    async def prompt_logprobs(self, prompt):
-        """The prompt's echoed tokens with their top-k alternatives (an echo is not resampled: no retries)."""
-        k = self.top_logprobs
-
-        def check(r):
-            try:
-                tokens = prompt_tokens(r['choices'][0], prompt)
-            except (KeyError, IndexError, TypeError, AttributeError):
-                raise BadAnswer('no choices in the answer')
-            if tokens is None:
-                raise BadAnswer("the echoed tokens do not spell the prompt")
-            return tokens
-        return await self.call('simulator', 'completions', 0, check, prompt=prompt, max_tokens=1, temperature=0,
-                               echo=True, logprobs=k, extra_body={'prompt_logprobs': k})
-
-    async def simulate_all_at_once(self, explanation, toks, decode):
-        """The paper's method, one prompt per excerpt: the few-shot block, the explanation, and every token as
-        'token<TAB>unknown'; at each slot (found by its offset in the prompt we built) the prediction is the
-        expected value over the top-k alternatives that read as 0-10. Where the server writes 10 as '1' then '0'
-        (told by the few-shot block's own 10s), a second prompt with '1' in the slots gives P('0' | '1') at each.
-        Returns (predictions, False, slots without a digit), NaN at those slots; None if the answer cannot be read."""
-        tokens = [decode([t]) for t in toks]
-        prompt, slots = simulator_prompt(explanation, tokens)
-        try:
-            echoed = await self.prompt_logprobs(prompt)
-            if self.ten_split is None:
-                seen = [e[0].strip() for e in at_offsets(echoed, [o for o, v in few_shot_slots() if v == 10]) if e]
-                self.ten_split = None if not seen else seen[0] != '10'
-            probs = [digit_probs(e[1]) if e else {} for e in at_offsets(echoed, slots)]
-            q = [0.0] * len(slots)
-            if self.ten_split and any(p.get(1) for p in probs):
-                prompt1, slots1 = simulator_prompt(explanation, tokens, slot='1')
-                echoed1 = await self.prompt_logprobs(prompt1)
-                q = [ten_after_one(e[1]) if e else 0.0 for e in at_offsets(echoed1, [o + 1 for o in slots1])]
-        except BadAnswer:
-            return None                # an echo of the prompt is not resampled: asking again would not help
-        preds = np.array([expected_value(p, qi) if p else np.nan for p, qi in zip(probs, q)], dtype=np.float64)
-        return preds, False, int(np.isnan(preds).sum())
-
-    async def simulate(self, explanation, scoring, decode):
-        """Predictions for every scoring excerpt (one request each), whether any is 'hard' (integers, no logprobs) and
-        how many slots had no digit among their alternatives (NaN there); None = failed."""
-        one = self.simulate_all_at_once if self.mode == 'all-at-once' else self.simulate_chat
-        results = await asyncio.gather(*(one(explanation, toks, decode) for toks, _ in scoring))
-        if any(r is None for r in results):
-            return None
-        return [p for p, _, _ in results], any(h for _, h, _ in results), sum(n for _, _, n in results)
+async def simulate(llm, explanation, scoring, decode):
+    """A Simulation of every scoring excerpt (one request each), or None when any failed."""
+    if llm is None:
+        return [Simulation(np.array([explanation.get(t, 0.0) for t in toks])) for toks, _ in scoring]
+    one = simulate_all_at_once if simulator == 'all-at-once' else simulate_chat
+    results = await asyncio.gather(*(one(llm, explanation, [decode([t]) for t in toks]) for toks, _ in scoring))
+    return None if any(r is None for r in results) else results
 
 
 # --- 3. score: the correlation of simulated and true activations, every neuron, resumable --------------------------
@@ -1044,9 +672,9 @@ def pearson(x, y):
     return None if den == 0 or not math.isfinite(den) else float((dx * dy).sum() / den)
 
 
-async def score_neuron(rec, n, protocol, decode, sim):
-    """Explain, simulate and score one neuron under every scoring method of a protocol, with sim the LLM or the
-    token lookup. The scoring methods of one protocol share the explanation (and identical requests are answered
+async def score_neuron(rec, n, protocol, decode, llm):
+    """Explain, simulate and score one neuron under every scoring method of a protocol, with the LLM (None: the
+    token lookup). The scoring methods of one protocol share the explanation (and identical requests are answered
     once, from the cache)."""
     out, explanation = {}, None
     for method in METHODS[protocol]:
@@ -1057,15 +685,15 @@ async def score_neuron(rec, n, protocol, decode, sim):
             out[method] = {'dead': True, 'score': None, 'explanation': None}
             continue
         scoring = excerpts(rec, protocol, score_items, n)
-        explanation = explanation or await sim.explain(expl, m, decode)
-        result = await sim.simulate(explanation, scoring, decode) if explanation else None
+        explanation = explanation or await explain(llm, expl, m, decode)
+        result = await simulate(llm, explanation, scoring, decode) if explanation else None
         if result is None:
             out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
                            'explanation': explanation, 'failure': 'explanation' if not explanation else 'simulation'}
             continue
-        preds, hard, no_digit = result
+        preds, hard, no_digit = [r.preds for r in result], any(r.hard for r in result), sum(r.no_digit for r in result)
         slots = sum(len(p) for p in preds)
-        if no_digit > sim.max_no_digit * slots:          # not zeros: the simulator did not answer with a value
+        if no_digit > max_no_digit * slots:              # not zeros: the simulator did not answer with a value
             out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
                            'explanation': explanation, 'no_digit': no_digit,
                            'failure': f'no digit among the top-k at {no_digit} of {slots} slots'}
@@ -1095,7 +723,7 @@ def read_finished(path, run_key):
     return done
 
 
-async def score_all(todo, recs, protocols, decode, sim, done, scores_path, run_key):
+async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key):
     """Score the neurons concurrently (an LLM bounds its requests in flight), appending each to scores.jsonl as
     it finishes; a neuron that failed (bad answers) is reported but not recorded, so the next run asks again.
     Returns the neurons left unfinished by server errors or timeouts."""
@@ -1106,8 +734,8 @@ async def score_all(todo, recs, protocols, decode, sim, done, scores_path, run_k
             try:
                 scores = {}
                 for p in protocols:
-                    scores.update(await score_neuron(recs[l], n, p, decode, sim))
-            except InterpretError:
+                    scores.update(await score_neuron(recs[l], n, p, decode, llm))
+            except (InterpretError, LLMError):
                 raise
             except Exception as e:               # whatever a server sends, it ends this neuron, not the run
                 unfinished.append(f"layer {l} neuron {neuron}: {type(e).__name__}")
@@ -1163,6 +791,8 @@ def main():
         raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
     if simulator not in ('chat', 'all-at-once', 'tokens'):
         raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
+    if excerpt_edges not in ('stream', 'sequence'):
+        raise InterpretError(f"excerpt_edges must be 'stream' or 'sequence', got {excerpt_edges!r}")
     if seq_len < 0 or dtype not in ('float32', 'bfloat16'):
         raise InterpretError(f"--seq_len must be 0 (the block size) or more and --dtype 'float32' or 'bfloat16'; "
                              f"got {seq_len} and {dtype!r}")
@@ -1181,6 +811,7 @@ def main():
     # 1. record, or reuse the records of an earlier run with the same settings (both protocols' sizes are in them,
     # asked for or not, as they always were, so that earlier runs' records stay reusable)
     settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
+                'excerpt_edges': excerpt_edges,
                 'n_openai': min(n_openai, len(stream)), 'n_anthropic': min(n_anthropic, len(stream)),
                 'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
     meta_path = os.path.join(folder, 'records.json')
@@ -1192,7 +823,8 @@ def main():
     else:
         if os.path.exists(meta_path):
             os.remove(meta_path)
-        made, counts = record(model, stream, sizes, layer_ids, cols, dev, mixed_precision(dev, dtype), batch_size, seed)
+        made, counts = record(model, stream, sizes, layer_ids, cols, dev, mixed_precision(dev, dtype), batch_size, seed,
+                              excerpt_edges == 'sequence')
         stats, recs = {}, {}
         for l in layer_ids:
             c = counts[l]
@@ -1222,11 +854,12 @@ def main():
         count = lambda text: len(enc.encode(text, disallowed_special=()))
         print(estimate(todo, recs, protocols, decode, count, simulator, explainer_max_tokens))
         return
-    sim = TokenLookup() if simulator == 'tokens' else LLM(
-        folder, simulator, base_url, explainer_model, simulator_model, simulator_base_url, api_key, concurrency,
-        max_retries, timeout, explainer_temperature, explainer_max_tokens, simulator_top_logprobs, bad_answer_retries,
-        max_no_digit, seed)
-    unfinished = asyncio.run(score_all(todo, recs, protocols, decode, sim, done, scores_path, run_key))
+    llm = None if simulator == 'tokens' else LLM(
+        folder, base_url, explainer_model, simulator_model, simulator_base_url, api_key, concurrency, max_retries,
+        timeout, simulator_top_logprobs, bad_answer_retries, seed)
+    label = (TOKENS_LABEL if llm is None else
+             f"explainer {llm.models['explainer']}, simulator {llm.models['simulator']} ({simulator})")
+    unfinished = asyncio.run(score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key))
 
     # 3. report
     rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in METHODS[p]}
@@ -1238,7 +871,7 @@ def main():
     val_loss = model.val_loss
     summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
                'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
-               'simulator_label': sim.label, 'settings': settings, 'unfinished': len(unfinished),
+               'simulator_label': label, 'settings': settings, 'unfinished': len(unfinished),
                'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},
                'methods': {m: {'layers': {str(l): v for l, v in s['layers'].items()}, 'model': s['model']}
                            for m, s in ((m, summarize(v, cfg.n_layer)) for m, v in per_method.items())}}
@@ -1253,9 +886,9 @@ def main():
         f.write(md)
     write_report(folder, summary, rows, decode)
     print(md)
-    if isinstance(sim, LLM):
-        print(f"LLM: {sim.requests} requests ({sim.cached} answered from the cache), "
-              f"{sim.prompt_tokens:,} prompt + {sim.completion_tokens:,} completion tokens")
+    if llm:
+        print(f"LLM: {llm.requests} requests ({llm.cached} answered from the cache), "
+              f"{llm.prompt_tokens:,} prompt + {llm.completion_tokens:,} completion tokens")
     print(f"wrote {folder}/neurons.jsonl, summary.json, summary.md, report.html")
     if unfinished:
         print(f"error: {len(unfinished)} neurons unfinished after server errors ({unfinished[0]}); run the same "
@@ -1287,7 +920,7 @@ if __name__ == '__main__':
             # request can swallow, and the run then goes on; a handler of our own keeps it a KeyboardInterrupt
             signal.signal(signal.SIGINT, interrupt)
             main()
-    except (InterpretError, ValueError) as e:     # ValueError: compare()'s missing or unreadable folders
+    except (InterpretError, LLMError, ValueError) as e:     # ValueError: compare()'s missing or unreadable folders
         fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted: finished neurons are kept; run the same command again to go on", file=sys.stderr)

@@ -58,62 +58,116 @@ def test_planted_neuron_scores_one_and_dead_neuron_is_reported(val_dir, tmp_path
     assert 'using the records' in p.stdout and neurons_of(tmp_path / 'm' / 'interp') == rows
 
 
-def test_excerpt_sets_follow_the_protocols(val_dir, monkeypatch):
+class Planted(torch.nn.Module):
+    """A stand-in model whose one layer's neurons at stream position p are row p of a table: token p is position p."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.config = ModelConfig(n_layer=1, n_embd=table.shape[1], n_head=1, overcomplete=1)
+
+    def forward(self, x, return_neurons=False):
+        return None, None, [self.table[x]]
+
+
+def oracle(v, P, before, after, T=None):
+    """Brute force over one neuron's values v on the stream's first P positions: positions ranked high to low, ties
+    by position; each position's rank, or, for a tie, the ranks its value shares; and the excerpt around a position."""
+    v = v[:P]
+    ranked = sorted(range(P), key=lambda p: (-v[p], p))
+    first = {}
+    for r, p in enumerate(ranked):
+        first.setdefault(v[p], r)
+    shared = {x: (first[x], first[x] + int((v == x).sum())) for x in first}     # [first rank, last rank + 1)
+
+    def excerpt(p):
+        w = np.arange(p - before, p + after)
+        keep = (w >= 0) & (w < P) & ((w // T == p // T) if T else True)
+        return np.where(keep, v[np.clip(w, 0, P - 1)], np.nan)
+    return ranked, shared, excerpt
+
+
+def check_records(rec, v, P, protocol, T=None):
+    """One neuron's records against the oracle: the top 50 exactly (ties by position), 50 distinct random positions,
+    every band item's rank in its band (a tied value may take any rank it shares), and every excerpt."""
+    before, after = I.WINDOW[protocol]
+    ranked, shared, excerpt = oracle(v, P, before, after, T)
+    pos = rec['pos']
+    assert list(pos[:50]) == ranked[:50]
+    assert len(set(pos[50:100].tolist())) == 50 and (pos[50:100] < P).all()
+    if protocol == 'anthropic':
+        edges = [P * b // 12 for b in range(13)]
+        for b in range(1, 12):
+            band = pos[100 + 20 * (b - 1):100 + 20 * b]
+            assert len(set(band.tolist())) == 20
+            for p in band:
+                lo, hi = shared[v[p]]
+                assert lo < edges[b + 1] and hi > edges[b], (b, p, lo, hi)
+    for p, acts in zip(pos, rec['acts']):
+        np.testing.assert_array_equal(acts, excerpt(p))
+
+
+def crowded_model():
+    """A small trained-looking CRATE whose layer 0 neurons 0-2 are replaced by values crowded into a narrow range
+    (0.2% to 20% wide) with exact repeats: where binned ranks failed."""
     torch.manual_seed(1)
     model = Transformer(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64)).eval()
+
+    def crowd(a):
+        a = a.clone()
+        for j, width in enumerate((0.002, 0.02, 0.2)):
+            a[..., j] = 0.05 * (1 + width * torch.sigmoid(a[..., j + 3]))
+        a[..., 2] = torch.round(a[..., 2] * 200) / 200                          # a few exact values, many ties
+        return a
+    model.blocks[0].ffn.register_forward_hook(lambda m, i, o: (o[0], crowd(o[1])))
+    return model
+
+
+def test_records_equal_brute_force_and_do_not_depend_on_batch_size(val_dir):
+    model = crowded_model()
     seqs = I.read_stream(str(val_dir), 64, 32)
     P = seqs.size
     with torch.no_grad():
-        full = [torch.cat([model(torch.from_numpy(seqs[i:i + 16]), return_neurons=True)[2][l] for i in range(0, 64, 16)])
-                .reshape(P, -1).numpy() for l in range(2)]
-    cols = {0: [0, 3, 63], 1: [1, 2]}
-    records, stats = I.record(model, seqs, {'openai': 64}, [0, 1], cols, 'cpu', nullcontext())
-    oa, an = records['openai'], I.record(model, seqs[:40], {'anthropic': 40}, [0, 1], cols, 'cpu', nullcontext())[0]['anthropic']
-    Pa = 40 * 32
-    for l in (0, 1):
-        assert stats[l]['tokens'] == P and stats[l]['nonzero'] == (full[l] > 0).sum()   # over every neuron
-        for n, j in enumerate(cols[l]):
-            act = full[l][:, j]
-            pos = oa[l]['pos'][n]
-            assert pos.shape == (100,) and len(set(pos[50:])) == 50
-            np.testing.assert_allclose(act[pos[:50]], np.sort(act)[::-1][:50], rtol=1e-6)  # the top 50, in rank order
-            assert (np.diff(act[pos[:50]]) <= 1e-6).all()
-            win = oa[l]['win'][n]
-            assert win.shape == (100, 64)
-            expect = pos[:, None] + np.arange(-32, 32)
-            assert ((win == expect) | ((win == -1) & ((expect < 0) | (expect >= P)))).all()  # clipped at the ends
-            ok = win >= 0
-            np.testing.assert_allclose(oa[l]['acts'][n][ok], act[win[ok]], rtol=1e-5, atol=1e-6)
-            assert np.isnan(oa[l]['acts'][n][~ok]).all()
-            # Anthropic: top 50, random 50, 11 bands of 20 below the top twelfth, 8-token windows
-            a_act = full[l][:Pa, j]
-            apos = an[l]['pos'][n]
-            assert apos.shape == (50 + 50 + 220,) and an[l]['win'][n].shape == (320, 8)
-            ranked = np.sort(a_act)[::-1]
-            np.testing.assert_allclose(a_act[apos[:50]], ranked[:50], rtol=1e-6)
-            bins = I.value_bins(torch.from_numpy(a_act)).numpy()
-            ranked_bins = np.sort(bins)[::-1]        # the oracle: today's exact ranking, of the binned values
-            for b in range(1, 12):
-                band = apos[100 + 20 * (b - 1):100 + 20 * b]
-                lo, hi = Pa * b // 12, Pa * (b + 1) // 12
-                assert len(set(band)) == 20
-                # every item's bin holds a rank of its band: its value is within one bin of the band's range
-                assert ((bins[band] <= ranked_bins[lo]) & (bins[band] >= ranked_bins[hi - 1])).all()
-                assert (a_act[band] <= ranked[lo] * (1 + 2 ** -I.QUANT_BITS) + 1e-7).all()
-                assert (a_act[band] >= ranked[hi - 1] * (1 - 2 ** -I.QUANT_BITS) - 1e-7).all()
-            aw = an[l]['win'][n]
-            assert ((aw == apos[:, None] + np.arange(-4, 4)) | (aw == -1)).all()
-    # one sequence a batch (32 positions, fewer than the top 50), peaks over 8 positions: the same top values
-    # and excerpts
-    monkeypatch.setattr(I, 'PEAK_RUN', 8)
-    small = I.record(model, seqs, {'openai': 64}, [0, 1], cols, 'cpu', nullcontext(), batch_size=1)[0]['openai']
+        full = [torch.cat([model(torch.from_numpy(s[None]), return_neurons=True)[2][l][0] for s in seqs]).numpy()
+                for l in range(2)]
+    cols = {0: [0, 1, 2, 3, 63], 1: [1, 2]}
+    sizes = {'openai': 64, 'anthropic': 40}
+    records = {b: I.record(model, seqs, sizes, [0, 1], cols, 'cpu', nullcontext(), batch_size=b) for b in (3, 8)}
     for l in (0, 1):
         for n, j in enumerate(cols[l]):
-            np.testing.assert_allclose(full[l][small[l]['pos'][n][:50], j], full[l][oa[l]['pos'][n][:50], j], rtol=1e-6)
-            ok = small[l]['win'][n] >= 0
-            np.testing.assert_allclose(small[l]['acts'][n][ok], full[l][small[l]['win'][n][ok], j], rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(small[l]['pos'][:, 50:], oa[l]['pos'][:, 50:])
-        np.testing.assert_allclose(small[l]['acts'][:, 50:], oa[l]['acts'][:, 50:], rtol=1e-5)
+            for protocol, n_seq in sizes.items():
+                one = {k: a[n] for k, a in records[3][0][protocol][l].items()}
+                check_records(one, full[l][:, j], n_seq * 32, protocol)
+        stats = records[3][1][l]
+        assert stats['tokens'] == P and stats['nonzero'] == (full[l] > 0).sum()   # over every neuron
+    for p in sizes:                                          # byte for byte, whatever the batch size
+        for l in (0, 1):
+            for k in ('pos', 'win', 'acts'):
+                np.testing.assert_array_equal(records[3][0][p][l][k], records[8][0][p][l][k])
+    # excerpts cut at the edges of the sequence the model saw
+    cut = I.record(model, seqs, sizes, [0], cols, 'cpu', nullcontext(), within_sequence=True)[0]
+    for p, n_seq in sizes.items():
+        check_records({k: a[1] for k, a in cut[p][0].items()}, full[0][:, 1], n_seq * 32, p, T=32)
+
+
+def test_band_items_are_exact_on_planted_values():
+    """Planted values through the recording, against the exact ranking: distinct values 0.1% apart (one histogram
+    bin held hundreds), a neuron that is 80% exact zeros, whose tied items come from the whole stream, and a signed
+    one (a GELU's). Excerpts cross batch edges."""
+    P, T = 1920, 32
+    rng = np.random.default_rng(0)
+    crowded = 1 + rng.permutation(P) / P * 1e-3
+    sparse = np.where(rng.random(P) < 0.2, rng.exponential(1, P), 0)
+    signed = rng.normal(0, 1, P)
+    table = torch.tensor(np.stack([crowded, sparse, signed], 1), dtype=torch.float32)
+    stream = np.arange(P).reshape(-1, T)
+    rec = I.record(Planted(table), stream, {'anthropic': P // T}, [0], {0: [0, 1, 2]}, 'cpu', nullcontext(),
+                   batch_size=3)[0]['anthropic'][0]                      # batches of 96 positions
+    for n in range(3):
+        check_records({k: a[n] for k, a in rec.items()}, table[:, n].numpy(), P, 'anthropic')
+    zeros = rec['pos'][1, 100 + 20 * 3:]                                    # bands 4..11 lie in the zeros
+    assert (table[zeros, 1] == 0).all() and zeros.max() - zeros.min() > 0.8 * P
+    assert sum(a.nbytes for a in rec.values()) == record_bytes({'anthropic': P // T}, T, {0: [0, 1, 2]}, 3)[1]
     # a window at the very start is clipped
     assert (I.window_positions(np.array([3]), 'openai', P)[0][:29] == -1).all()
     assert (I.window_positions(np.array([P - 2]), 'anthropic', P)[0] == [P - 6, P - 5, P - 4, P - 3, P - 2, P - 1, -1, -1]).all()
@@ -252,54 +306,6 @@ def test_recording_benchmark_reports_the_records_it_makes(val_dir, tmp_path):
     made = sum(a.nbytes for by_layer in records.values() for a in by_layer[0].values())
     assert f'records {made:,} bytes' in p.stdout
     assert not (tmp_path / 'm' / 'interp').exists()
-
-
-class Planted(torch.nn.Module):
-    """A stand-in model whose one layer's neurons at stream position p are row p of a table: token p is position p."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table
-        self.config = ModelConfig(n_layer=1, n_embd=table.shape[1], n_head=1, overcomplete=1)
-
-    def forward(self, x, return_neurons=False):
-        return None, None, [self.table[x]]
-
-
-def test_band_items_against_brute_force():
-    """Planted activations through the recording, against the exact ranking: a neuron whose values each have a bin
-    of their own gets its items from the bands of today's exact ranking; one that is mostly exact zeros draws its
-    tied items from the whole stream; a signed one (a GELU's) keeps its order; excerpts cross batch edges."""
-    P, T = 1920, 32
-    rng = np.random.default_rng(0)
-    j = rng.permutation(P) % 480
-    distinct = (1 + (j % 16) / 16) * 2.0 ** (j // 16 - 18) * (1 + np.arange(P) / P / 1e3)   # 480 bins, 4 each
-    sparse = np.where(rng.random(P) < 0.2, rng.exponential(1, P), 0)       # 80% exact zeros
-    signed = rng.normal(0, 1, P)
-    table = torch.tensor(np.stack([distinct, sparse, signed], 1), dtype=torch.float32)
-    stream = np.arange(P).reshape(-1, T)
-    rec = I.record(Planted(table), stream, {'anthropic': P // T}, [0], {0: [0, 1, 2]}, 'cpu', nullcontext(),
-                   batch_size=3)[0]['anthropic'][0]                      # batches of 96 positions
-    bins = I.value_bins(table).numpy()
-    edges = [P * b // 12 for b in range(13)]
-    for n in range(3):
-        v, bn = table[:, n].numpy(), bins[:, n]
-        above = {b: (bn > b).sum() for b in set(bn.tolist())}            # a bin's ranks: [above, above + count)
-        upto = {b: (bn >= b).sum() for b in set(bn.tolist())}
-        exact_rank = np.argsort(np.argsort(-v, kind='stable'), kind='stable')
-        np.testing.assert_array_equal(np.sort(v[rec['pos'][n, :50]])[::-1], np.sort(v)[::-1][:50])   # the top 50
-        for b in range(1, 12):
-            band = rec['pos'][n, 100 + 20 * (b - 1):100 + 20 * b]
-            assert len(set(band.tolist())) == 20
-            assert all(above[bn[p]] < edges[b + 1] and upto[bn[p]] > edges[b] for p in band)   # the bin meets the band
-            if n == 0:     # four tied values a bin at most: the exact rank is off by under 4
-                assert ((exact_rank[band] > edges[b] - 4) & (exact_rank[band] < edges[b + 1] + 4)).all()
-        w = rec['pos'][n][:, None] + np.arange(-4, 4)
-        expect = np.where((w >= 0) & (w < P), v[np.clip(w, 0, P - 1)], np.nan).astype(np.float32)
-        np.testing.assert_array_equal(rec['acts'][n], expect)                # excerpts, across batch edges too
-    zeros = rec['pos'][1, 100 + 20 * 3:]                                    # bands 4..11 lie in the zeros
-    assert (table[zeros, 1] == 0).all() and zeros.max() - zeros.min() > 0.8 * P
-    assert sum(a.nbytes for a in rec.values()) == record_bytes({'anthropic': P // T}, T, {0: [0, 1, 2]}, 3)[1]
 
 
 def test_errors(val_dir, tmp_path):

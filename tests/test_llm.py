@@ -230,14 +230,14 @@ def test_ten_as_two_tokens_reads_as_ten():
 def test_all_at_once_reads_ten_whichever_way_the_server_writes_it(server, tmp_path):
     import asyncio
     import interpret as I
-    decode = lambda ids: ids[0]                            # the tokens are already text here
+    from llm import LLM
     toks = ['a', '(', 'unknown', '\t', 'b', '(']            # the word unknown and a tab are tokens, not slots
     for fault, requests in ((set(), 1), ({'sentencepiece'}, 2)):
         server.faults, server.requests = fault, 0
         folder = tmp_path / ('sentencepiece' if fault else 'plain')       # its own answer cache
         folder.mkdir()
-        llm = I.LLM(str(folder), 'all-at-once', server.url, 'fake-explainer', 'fake-simulator', api_key='x')
-        preds, hard, no_digit = asyncio.run(llm.simulate_all_at_once('the token "("', toks, decode))
+        llm = LLM(str(folder), server.url, 'fake-explainer', 'fake-simulator', api_key='x')
+        preds, hard, no_digit = asyncio.run(I.simulate_all_at_once(llm, 'the token "("', toks))
         assert preds.tolist() == pytest.approx([0, 10, 0, 0, 0, 10], abs=0.1) and no_digit == 0 and not hard
         assert llm.ten_split is bool(fault) and server.requests == requests        # a '1'-filled prompt for the 10s
 
