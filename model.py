@@ -109,17 +109,14 @@ class MHA(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-def overwrite(a, steer):
-    """Neurons a with neuron j set to value v at every position, for each (j, v) in steer (a new tensor).
-    steer may instead be a function of the neurons that returns their replacement (e.g. an SAE's reconstruction)."""
-    if callable(steer):
-        return steer(a)
-    if not steer:
+def overwrite(pairs):
+    """A steering function: neurons a with neuron j set to value v at every position, for each (j, v) in pairs."""
+    def steer(a):
+        a = a.clone()
+        for j, v in pairs:
+            a[..., j] = v
         return a
-    a = a.clone()
-    for j, v in steer:
-        a[..., j] = v
-    return a
+    return steer
 
 
 class ISTA(nn.Module):
@@ -127,8 +124,6 @@ class ISTA(nn.Module):
         A_0 = 0,  A_k = ReLU(A_{k-1} + eta D^T (x - D A_{k-1}) - eta lambda),  output D A_t (no residual).
     The dictionary D (d x h) is stored as weight = D^T (h x d), uniform in +-sqrt(6/d) as the authors' code
     initialises it (kaiming_uniform_ with its default a=0; nn.Linear's a=sqrt(5) would give +-1/sqrt(d))."""
-
-    skip = False                # no skip connection around it: the block's output is D A_t
 
     def __init__(self, cfg):
         super().__init__()
@@ -150,14 +145,12 @@ class ISTA(nn.Module):
             a = torch.utils.checkpoint.checkpoint(self.codes, x, use_reentrant=False)
         else:
             a = self.codes(x)
-        a = overwrite(a, steer)
+        a = steer(a) if steer else a
         return self.dropout(a @ self.weight), a              # D A_t, and the codes A_t
 
 
 class MLP(nn.Module):
     """GPT-2 MLP, ReLU by default (the paper's baseline): W_2 relu(W_1 x); its hidden values are the neurons."""
-
-    skip = True                 # the block adds its output to its input
 
     def __init__(self, cfg):
         super().__init__()
@@ -168,7 +161,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, steer=None):
-        a = overwrite(self.act(self.c_fc(x)), steer)
+        a = self.act(self.c_fc(x))
+        a = steer(a) if steer else a
         return self.dropout(self.c_proj(a)), a
 
 
@@ -193,7 +187,9 @@ class Block(nn.Module):
     def forward(self, z, steer=None):
         z = z + self.attn(self.ln_1(z))                  # Z_half = Z + MSSA(LN1(Z))
         y, a = self.ffn(self.ln_2(z), steer)
-        return (z + y if self.ffn.skip else y), a    # ISTA: Z_next = D A_t; MLP: Z_half + MLP(LN2(Z_half))
+        if isinstance(self.ffn, ISTA):
+            return y, a                                  # Z_next = D A_t: no residual around ISTA
+        return z + y, a                                  # GPT-2: Z_half + MLP(LN2(Z_half))
 
 
 class Transformer(nn.Module):
@@ -224,8 +220,8 @@ class Transformer(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, steer=None, return_neurons=False):
-        """idx (B, T) token ids. steer: {layer: [(neuron, value), ...]} overwrites those neurons at every
-        position. Returns (logits, loss), plus the list of per-layer neurons (B, T, h) if return_neurons.
+        """idx (B, T) token ids. steer: {layer: function} replaces that layer's neurons by the function of them
+        (overwrite([(neuron, value), ...]) sets neurons). Returns (logits, loss), plus the list of per-layer neurons (B, T, h) if return_neurons.
         Without targets only the last position's logits are computed."""
         B, T = idx.shape
         if T > self.config.block_size:
@@ -282,113 +278,6 @@ class Transformer(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, nxt), dim=1)
         return idx
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The post-hoc baseline: a sparse autoencoder on one layer's neurons of a frozen, trained model.
-
-class SparseAutoencoder(nn.Module):
-    """f = ReLU(W_enc (x - b_dec) + b_enc),  x_hat = W_dec f + b_dec,  m features for n inputs, decoder columns kept
-    at unit norm. The loss and the init are the authors' (arthursae): see loss()."""
-
-    def __init__(self, n_in, n_features):
-        super().__init__()
-        # independent Kaiming-uniform encoder and decoder (bounds sqrt(6/m) and sqrt(6/n)), decoder columns normalised
-        self.W_enc = nn.Parameter(torch.empty(n_features, n_in).uniform_(-1, 1) * math.sqrt(6 / n_features))  # (m, n)
-        W = torch.empty(n_in, n_features).uniform_(-1, 1) * math.sqrt(6 / n_in)
-        self.W_dec = nn.Parameter(W / W.norm(dim=0, keepdim=True))   # (n, m), columns are the features' directions
-        self.b_enc = nn.Parameter(torch.zeros(n_features))
-        self.b_dec = nn.Parameter(torch.zeros(n_in))
-
-    def encode(self, x):
-        return F.relu(F.linear(x - self.b_dec, self.W_enc, self.b_enc))
-
-    def decode(self, f):
-        return F.linear(f, self.W_dec, self.b_dec)
-
-    def forward(self, x):
-        f = self.encode(x)
-        return self.decode(f), f
-
-    @staticmethod
-    def loss(x, x_hat, f, l1):
-        """mean over tokens and inputs of (x_hat - x)^2 / ||x||, plus l1 * (mean over tokens of sum_i |f_i|): the
-        authors' l2_loss_form='normalize', l1_loss_form='l1'. (||x|| is floored at 1e-6 for an all-zero x.)"""
-        recon = ((x_hat - x) ** 2 / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)).mean()
-        return recon + l1 * f.abs().sum(-1).mean()
-
-    @torch.no_grad()
-    def remove_parallel_grad_(self):
-        """Drop the part of each decoder column's gradient along the column: a step then only turns it."""
-        if self.W_dec.grad is not None:
-            W, g = self.W_dec, self.W_dec.grad
-            g -= (g * W).sum(0, keepdim=True) * W
-
-    @torch.no_grad()
-    def normalize_decoder_(self):
-        self.W_dec /= self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
-
-
-def loss_recovered(clean, spliced, zero):
-    """The share of the loss gap between zero-ablating a layer and leaving it alone that the SAE's reconstruction
-    closes: (L_zero - L_spliced) / (L_zero - L_clean)."""
-    return (zero - spliced) / (zero - clean) if zero != clean else float('nan')
-
-
-@dataclass
-class SAEConfig:
-    """What interpret.py and sample.py read of an SAE model: one 'layer' of n_features neurons."""
-    base_layer: int
-    n_in: int
-    n_features: int
-    l1: float
-    block_size: int
-    base_name: str
-    n_layer: int = 1
-
-    @property
-    def hidden(self):
-        return self.n_features
-
-
-class SAEModel(nn.Module):
-    """A frozen base model with an SAE on layer `layer`'s neurons. forward() has the Transformer's signature:
-    with targets it returns the SAE's loss on the base's activations, and its neurons are the SAE's features.
-    (train.py trains the SAE itself on a shuffled buffer of these activations.)"""
-
-    def __init__(self, base, layer, n_features, l1):
-        super().__init__()
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.base, self.layer = base.eval(), layer
-        self.sae = SparseAutoencoder(base.config.hidden, n_features)
-        self.config = SAEConfig(layer, base.config.hidden, n_features, l1, base.config.block_size, model_name(base.config))
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.base.eval()            # the base stays in eval mode (no dropout)
-        return self
-
-    def activations(self, idx):
-        with torch.no_grad():
-            _, _, neurons = self.base(idx, return_neurons=True)
-        return neurons[self.layer].float()
-
-    def forward(self, idx, targets=None, steer=None, return_neurons=False):
-        x = self.activations(idx)
-        x_hat, f = self.sae(x)
-        loss = None if targets is None else self.sae.loss(x, x_hat, f, self.config.l1)
-        f = overwrite(f, steer.get(0) if steer else None)
-        return (None, loss, [f]) if return_neurons else (None, loss)
-
-    def flops_per_token(self, T=None):
-        """The base's forward pass, and the SAE's two matmuls forward and backward."""
-        return self.base.flops_per_token(T) // 3 + 3 * 4 * self.config.n_in * self.config.n_features
-
-    def splice(self, steer=None):
-        """The base model's steering for 'replace the layer's neurons by the SAE's reconstruction', with
-        features overwritten by steer [(j, v)] first: the lossy path."""
-        return {self.layer: lambda a: self.sae.decode(overwrite(self.sae.encode(a.float()), steer)).to(a.dtype)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,22 +358,16 @@ def check_state_dict(path, model, sd, name=lambda k: k):
 
 
 def load_model(path, device='cpu'):
-    """A Transformer (or SAEModel) from a checkpoint written by train.py or released by the paper's authors, in
+    """A Transformer (or sae.py's SAEModel) from a checkpoint written by train.py or released by the paper's authors, in
     eval mode, with .val_loss the checkpoint's best validation loss if it has one. path: a .pt file or a directory
     holding ckpt.pt. The format is told by the keys: transformer.* (released CRATE) or wte.weight (ours)."""
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     ckpt = read_checkpoint(path)
     sd, args = ckpt['model'], ckpt['model_args']
-    if 'sae' in ckpt:                        # an SAE: its base checkpoint, then the SAE on top
-        s = ckpt['sae']
-        if not isinstance(s, dict) or not {'base', 'layer', 'n_features', 'l1'} <= set(s):
-            raise ValueError(f"{path}: its 'sae' entry lacks base, layer, n_features or l1")
-        model = SAEModel(load_model(s['base'], device), s['layer'], s['n_features'], s['l1'])
-        check_state_dict(path, model.sae, sd)
-        model.sae.load_state_dict(sd)
-        model.val_loss = None                # an SAE's own loss is no language-model loss
-        return model.to(device).eval()
+    if 'sae' in ckpt:                        # an SAE on a base model's layer (sae.py)
+        from sae import load_sae
+        return load_sae(path, ckpt, device)
     keys = [k.removeprefix('_orig_mod.') for k in sd]
     try:
         if any(k.startswith('transformer.') for k in keys):

@@ -148,7 +148,8 @@ def training_svg(ckpt_path):
         return ''
     with open(path) as f:
         evals = [r for r in map(json.loads, filter(str.strip, f)) if 'val_loss' in r]
-    loss = {k: [(r['iter'], r[k]) for r in evals] for k in ('train_loss', 'val_loss')}
+    loss = {k: [(r['iter'], r[k]) for r in evals if k in r] for k in ('train_loss', 'val_loss')}
+    loss = {k: v for k, v in loss.items() if v}
     layers = len(evals[-1].get('sparsity', [])) if evals else 0
     zero = {f'layer {l}': [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals if 'sparsity' in r]
             for l in range(layers)}

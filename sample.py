@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from configurator import configure, fail, mixed_precision, pick_device, script_defaults
-from model import SAEModel, load_model
+from model import load_model, overwrite
 from prepare import PrepareError, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def parse_steer(specs, model):
     """['0:41:100', ...] -> {0: [(41, 100.0)]}, checked against the model's layers and neuron count. For an SAE
     the layer is the base model's layer the SAE reads, and the neuron is a feature."""
     out = {}
-    sae = isinstance(model, SAEModel)
+    sae = hasattr(model, 'splice')
     for spec in specs:
         try:
             layer, neuron, value = spec.split(':')
@@ -64,10 +64,12 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 steering = parse_steer(steer, model)
-if isinstance(model, SAEModel):   # steer through the SAE: the layer's neurons become its reconstruction (lossy)
-    model, noop, steering = model.base, model.splice(), model.splice(sum(steering.values(), [])) if steering else None
+if hasattr(model, 'splice'):      # an SAE: steer its features, the layer's neurons become its reconstruction (lossy)
+    steered = overwrite(sum(steering.values(), []))
+    model, noop, steering = model.base, model.splice(), model.splice(steered) if steering else None
 else:                             # steer the model's own neurons: the machinery alone changes nothing
-    noop = {l: [] for l in steering}
+    noop = {l: overwrite([]) for l in steering}
+    steering = {l: overwrite(pairs) for l, pairs in steering.items()}
 autocast = mixed_precision(device, dtype)
 try:
     enc = gpt2_tokenizer()

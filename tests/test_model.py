@@ -7,7 +7,7 @@ from torch.nn.attention import sdpa_kernel, SDPBackend
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import released_crate
-from model import ISTA, MSSA, ModelConfig, Transformer, load_model
+from model import ISTA, MSSA, ModelConfig, Transformer, load_model, overwrite
 
 GPT2 = dict(attn='mha', ffn='mlp', bias=False)
 
@@ -137,7 +137,7 @@ def test_neurons_and_steering():
         logits, _, neurons = model(idx, return_neurons=True)
         assert [a.shape for a in neurons] == [(2, 8, 64)] * 2
         assert all(a.min() >= 0 for a in neurons)
-        steered, _, sn = model(idx, steer={1: [(3, 100.0)]}, return_neurons=True)
+        steered, _, sn = model(idx, steer={1: overwrite([(3, 100.0)])}, return_neurons=True)
         assert torch.equal(sn[0], neurons[0])                 # layer 0 untouched
         assert (sn[1][..., 3] == 100).all()
         assert torch.equal(sn[1][..., 4:], neurons[1][..., 4:])
