@@ -295,8 +295,9 @@ def band_items(values, counts, P, l, neurons, seed):
         for b in range(1, 12):
             members = np.nonzero(band == b)[0]
             if len(members) < BAND_ITEMS:
-                raise InterpretError(f"layer {l} neuron {neuron}: {len(members)} of the {len(rank)} pool positions fell "
-                                     f"in band {b}, fewer than {BAND_ITEMS} (chance about 1e-15); run with another --seed")
+                raise InterpretError(f"layer {l} neuron {neuron}: {len(members)} of the {len(rank)} pool positions "
+                                     f"fell in band {b}, fewer than {BAND_ITEMS} (chance about 1e-15); run with "
+                                     f"another --seed")
             out[r, (b - 1) * BAND_ITEMS:b * BAND_ITEMS] = rng.choice(members, BAND_ITEMS, replace=False)
     return out
 
@@ -347,7 +348,8 @@ def record(model, stream, sizes, layer_ids, cols, dev, autocast, batch_size=8, s
         ranked = {l: v.sort(1).values.contiguous() for l, v in pools.items()}
         counts = {l: torch.zeros((2,) + v.shape, dtype=torch.long, device=dev) for l, v in pools.items()}
         batches = forward_neurons(model, stream[:n], layer_ids, cols, dev, autocast, batch_size)
-        for _, sel, _ in tqdm(batches, total=math.ceil(n / batch_size), desc='band ranks', unit='batch', file=sys.stderr):
+        batches = tqdm(batches, total=math.ceil(n / batch_size), desc='band ranks', unit='batch', file=sys.stderr)
+        for _, sel, _ in batches:
             for l, a in sel.items():
                 count_ranks(counts[l], a, ranked[l])
         for l, r in recs['anthropic'].items():
@@ -497,7 +499,8 @@ def with_instructions(system, turns, system_role):
 def explainer_messages(expl, m, decode, system_role=True):
     turns = []
     for explanation, examples in FEW_SHOT:
-        turns += [{'role': 'user', 'content': explainer_body([([t for t, _ in ex], [v for _, v in ex]) for ex in examples])},
+        body = explainer_body([([t for t, _ in ex], [v for _, v in ex]) for ex in examples])
+        turns += [{'role': 'user', 'content': body},
                   {'role': 'assistant', 'content': explanation}]
     turns.append({'role': 'user', 'content': explainer_body([([decode([t]) for t in toks], quantize(a, m).tolist())
                                                              for toks, a in expl])})
@@ -816,7 +819,8 @@ def main():
                 'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
     meta_path = os.path.join(folder, 'records.json')
     have = json.load(open(meta_path)) if os.path.exists(meta_path) else None
-    if have and have['settings'] == settings and all(os.path.exists(os.path.join(folder, f'records_L{l}.npz')) for l in layer_ids):
+    kept = all(os.path.exists(os.path.join(folder, f'records_L{l}.npz')) for l in layer_ids)
+    if have and have['settings'] == settings and kept:
         print(f"using the records in {folder} (same settings)")
         stats = {int(l): v for l, v in have['stats'].items()}
         recs = {l: dict(np.load(os.path.join(folder, f'records_L{l}.npz'))) for l in layer_ids}
@@ -833,21 +837,23 @@ def main():
             conc = np.mean([np.unique(row, return_counts=True)[1].max() / len(row) for row in top_tok])
             stats[l] = {'zero_fraction': round(1 - c['nonzero'] / (c['tokens'] * cfg.hidden), 4),
                         'l0': round(c['nonzero'] / c['tokens'], 2), 'dead': int((~c['alive']).sum()),
-                        'neurons': len(cols[l]), 'top_token_concentration': round(float(conc), 3), 'tokens': c['tokens']}
+                        'neurons': len(cols[l]), 'top_token_concentration': round(float(conc), 3),
+                        'tokens': c['tokens']}
             save_records(folder, l, recs[l])
         with open(meta_path + '.tmp', 'w') as f:
             json.dump({'settings': settings, 'stats': stats}, f)
         os.replace(meta_path + '.tmp', meta_path)
 
     # 2. explain, simulate, score: the LLM, or the token lookup in its place; neurons a killed run finished are kept
-    run_key = hashlib.sha256(json.dumps([settings, simulator, explainer_model, simulator_model, base_url,
-                                         simulator_base_url, explainer_temperature, simulator_top_logprobs, seed,
-                                         bad_answer_retries, explainer_max_tokens, max_no_digit]).encode()).hexdigest()[:16]
+    run = [settings, simulator, explainer_model, simulator_model, base_url, simulator_base_url, explainer_temperature,
+           simulator_top_logprobs, seed, bad_answer_retries, explainer_max_tokens, max_no_digit]
+    run_key = hashlib.sha256(json.dumps(run).encode()).hexdigest()[:16]
     scores_path = os.path.join(folder, 'scores.jsonl')
     done = read_finished(scores_path, run_key) if resume else {}
     if not resume and os.path.exists(scores_path):
         os.remove(scores_path)
-    todo = [(l, n, int(neuron)) for l in layer_ids for n, neuron in enumerate(recs[l]['neurons']) if (l, int(neuron)) not in done]
+    todo = [(l, n, int(neuron)) for l in layer_ids for n, neuron in enumerate(recs[l]['neurons'])
+            if (l, int(neuron)) not in done]
     if done:
         print(f"resuming: {len(done)} neurons already scored, {len(todo)} to go")
     if dry_run:
@@ -878,7 +884,8 @@ def main():
     with open(os.path.join(folder, 'neurons.jsonl'), 'w') as f:
         for r in rows:
             slim = {k: {kk: vv for kk, vv in v.items() if kk != 'show'} for k, v in r['scores'].items()}
-            f.write(json.dumps({'layer': r['layer'], 'neuron': r['neuron'], 'simulator': simulator, 'scores': slim}) + '\n')
+            row = {'layer': r['layer'], 'neuron': r['neuron'], 'simulator': simulator, 'scores': slim}
+            f.write(json.dumps(row) + '\n')
     with open(os.path.join(folder, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     md = markdown(summary)
@@ -912,7 +919,7 @@ if __name__ == '__main__':
     try:
         if sys.argv[1:2] == ['--compare']:
             if len(sys.argv) < 3:
-                fail("--compare needs one or more interp folders, e.g. --compare out-crate-1l/interp out-gpt2-1l/interp")
+                fail("--compare needs one or more interp folders, e.g. --compare out-crate/interp out-gpt2/interp")
             print(compare(sys.argv[2:]))
         else:
             globals().update(configure(script_defaults(globals()), sys.argv[1:]))

@@ -232,7 +232,8 @@ class LLM:
     async def call(self, role, endpoint, attempt, check, **request):
         """check(response) -> what the caller needs, or BadAnswer. Only an answer that passed is cached."""
         request['model'] = self.models[role]
-        key = hashlib.sha256(json.dumps([self.urls[role], endpoint, request, attempt], sort_keys=True).encode()).hexdigest()
+        key = json.dumps([self.urls[role], endpoint, request, attempt], sort_keys=True)
+        key = hashlib.sha256(key.encode()).hexdigest()
         if key in self.cache:
             try:
                 value = check(self.cache[key])
@@ -257,7 +258,8 @@ class LLM:
             except self.openai.APIConnectionError:
                 raise LLMError(f"cannot reach the {role} server at {self.urls[role]}; start it or fix --base_url")
             except self.openai.AuthenticationError:
-                raise LLMError(f"the {role} server at {self.urls[role]} refused the API key; set --api_key or OPENAI_API_KEY")
+                raise LLMError(f"the {role} server at {self.urls[role]} refused the API key; set --api_key or "
+                               f"OPENAI_API_KEY")
             except self.openai.NotFoundError:
                 raise LLMError(f"model {self.models[role]!r} not found at {self.urls[role]}; check --{role}_model")
             except self.openai.APIStatusError:
@@ -308,19 +310,22 @@ class LLM:
 
     async def chat_once(self, role, messages, check, attempt, schema, probe, request):
         while True:
-            req, limit, system, fmt, logprobs = dict(request), self.limit_param, self.system_role[role], self.fmt, self.logprobs
+            req, limit, system = dict(request), self.limit_param, self.system_role[role]
+            fmt, logprobs = self.fmt, self.logprobs
             if limit != 'max_tokens' and 'max_tokens' in req:
                 req[limit] = req.pop('max_tokens')
             if schema is not None:
                 if fmt != 'text':
-                    req['response_format'] = activation_schema(schema) if fmt == 'json_schema' else {'type': 'json_object'}
+                    json_object = {'type': 'json_object'}
+                    req['response_format'] = activation_schema(schema) if fmt == 'json_schema' else json_object
                 if logprobs:
                     req.update(logprobs=True, top_logprobs=20)
             try:
                 return await self.call(role, 'chat', attempt, check, messages=messages(system), **req)
             except (self.openai.BadRequestError, self.openai.InternalServerError) as e:
                 text = str(e).lower()
-                if (limit, system, fmt, logprobs) != (self.limit_param, self.system_role[role], self.fmt, self.logprobs):
+                now = (self.limit_param, self.system_role[role], self.fmt, self.logprobs)
+                if (limit, system, fmt, logprobs) != now:
                     continue                            # another request changed a setting meanwhile: send again
                 refused = isinstance(e, self.openai.BadRequestError)
                 if refused and 'max_tokens' in text and limit == 'max_tokens':
@@ -335,7 +340,7 @@ class LLM:
                     # is the format's only where it names it (a prompt too long for the context is this one's)
                     self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[fmt]
                 elif refused:
-                    raise BadAnswer(f"the server refused this request ({str(e)[:120]})")   # e.g. too long: this one only
+                    raise BadAnswer(f"the server refused this request ({str(e)[:120]})")   # e.g. too long
                 else:
                     raise                               # a server error: the neuron is left for a re-run
 

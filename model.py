@@ -137,7 +137,7 @@ class ISTA(nn.Module):
         D, eta, lam = self.weight.t(), self.eta, self.lam            # D: (d, h); x: (..., d), the codes: (..., h)
         a = F.relu(eta * x @ D - eta * lam)                          # A_1, the step from A_0 = 0 (D A_0 = 0)
         for _ in range(self.steps - 1):
-            a = F.relu(a + eta * (x - a @ D.t()) @ D - eta * lam)    # A_k = ReLU(A_{k-1} + eta D^T (x - D A_{k-1}) - eta lambda)
+            a = F.relu(a + eta * (x - a @ D.t()) @ D - eta * lam)    # the step from A_{k-1} to A_k
         return a
 
     def forward(self, x, steer=None):
@@ -221,8 +221,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, targets=None, steer=None, return_neurons=False):
         """idx (B, T) token ids. steer: {layer: function} replaces that layer's neurons by the function of them
-        (overwrite([(neuron, value), ...]) sets neurons). Returns (logits, loss), plus the list of per-layer neurons (B, T, h) if return_neurons.
-        Without targets only the last position's logits are computed."""
+        (overwrite([(neuron, value), ...]) sets neurons). Returns (logits, loss), plus the list of per-layer neurons
+        (B, T, h) if return_neurons. Without targets only the last position's logits are computed."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
@@ -306,7 +306,7 @@ def read_checkpoint(path):
                              f"loading it could run code (torch.load weights_only=True)")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, or another kind of file): {first}")
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ('model', 'model_args')):
         raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'model' and 'model_args')")
     return ckpt
 

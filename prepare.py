@@ -48,7 +48,8 @@ def parse_args(argv):
     p.add_argument('--train_tokens', default=None, help="token budget for train.bin, or 'all'")
     p.add_argument('--val_tokens', default=None, help="token budget for val.bin, or 'all'")
     p.add_argument('--val_fraction', type=float, default=0.01, help='share of documents held out for val, by hash')
-    p.add_argument('--split_by', choices=('file', 'paragraph'), default='file', help='.txt: a document is a file or a paragraph')
+    p.add_argument('--split_by', choices=('file', 'paragraph'), default='file',
+                   help='.txt: a document is a file or a paragraph')
     p.add_argument('--text_field', default='text', help='the text field of .jsonl/.json/.parquet records')
     p.add_argument('--num_proc', type=int, default=os.cpu_count(), help='tokenizer threads')
     p.add_argument('--force', action='store_true', help='redo a finished output')
@@ -321,7 +322,8 @@ def prepare(args, hub_docs=hub_documents):
     os.replace(meta_path + '.tmp', meta_path)
     print(f"wrote {out_dir}: train {counts['train']['tokens']:,} tokens ({counts['train']['documents']:,} documents), "
           f"val {counts['val']['tokens']:,} tokens ({counts['val']['documents']:,} documents); "
-          f"{nbytes / 1e6:.1f} MB of text in {seconds:.1f} s = {nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
+          f"{nbytes / 1e6:.1f} MB of text in {seconds:.1f} s = "
+          f"{nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
     if skipped['n']:
         print(f"skipped {skipped['n']:,} records whose text is null or not a string (the first: {skipped['first']})")
     return meta

@@ -15,7 +15,6 @@ import zlib
 
 import numpy as np
 
-
 # --- the statistics: means over neurons and layers, and their bootstrap intervals ----------------------------------
 
 BOOT = 2000                  # bootstrap replicates for the 95% intervals
@@ -50,14 +49,16 @@ def summarize(per_layer_scores, n_layer):
                          'ci': interval(bootstrap(per_layer_scores, [l])),
                          'std': 100 * float(np.std(scored)) if scored else None,
                          'scored': len(scored),   # undefined: a constant side; failed: no usable answer
-                         'undefined': sum(1 for s in items if not s['dead'] and s['score'] is None and not s.get('failed')),
+                         'undefined': sum(1 for s in items
+                                          if not s['dead'] and s['score'] is None and not s.get('failed')),
                          'dead': sum(1 for s in items if s['dead']), 'failed': sum(1 for s in items if s.get('failed')),
                          'hard': sum(1 for s in items if s.get('hard')),
                          'no_digit_slots': sum(s.get('no_digit', 0) for s in items)}
     means = [v['mean'] for v in layers_out.values() if v['mean'] is not None]
     but_last = [l for l in per_layer_scores if l != n_layer - 1]
     all_but_last = [layers_out[l]['mean'] for l in but_last if layers_out[l]['mean'] is not None]
-    model = {'mean': float(np.mean(means)) if means else None, 'ci': interval(bootstrap(per_layer_scores, list(per_layer_scores))),
+    model = {'mean': float(np.mean(means)) if means else None,
+             'ci': interval(bootstrap(per_layer_scores, list(per_layer_scores))),
              'var': float(np.var(means)) if means else None,
              'mean_excl_last': float(np.mean(all_but_last)) if all_but_last else None,
              'ci_excl_last': interval(bootstrap(per_layer_scores, but_last)),
@@ -79,12 +80,14 @@ def markdown(summary):
              f"validation loss {summary['val_loss']}; {summary['settings']['n_openai']} / "
              f"{summary['settings']['n_anthropic']} sequences of {summary['settings']['seq_len']} tokens (OpenAI / "
              f"Anthropic); scores are Pearson r x 100", '',
-             '| layer | method | mean [95% interval] | std | scored | undefined | dead | failed | hard | no-digit slots |',
+             '| layer | method | mean [95% interval] | std | scored | undefined | dead | failed | hard '
+             '| no-digit slots |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for l in summary['layer_ids']:
         for method, s in summary['methods'].items():
             v = s['layers'][str(l)]
-            lines.append(f"| {l} | {method} | {fmt(v['mean'], v.get('ci'))} | {fmt(v['std'])} | {v['scored']} | {v['undefined']} | "
+            lines.append(f"| {l} | {method} | {fmt(v['mean'], v.get('ci'))} | {fmt(v['std'])} | {v['scored']} | "
+                         f"{v['undefined']} | "
                          f"{v['dead']} | {v['failed']} | {v['hard']} | {v['no_digit_slots']} |")
     lines += ['', '| method | mean over layers [95% interval] | variance | mean excl. last | variance excl. last |',
               '| --- | --- | --- | --- | --- |']
@@ -109,8 +112,9 @@ def shade(toks, vals, top, decode, kind):
 def histogram_svg(scores, width=300, height=60, bins=20):
     counts, edges = np.histogram([s for s in scores if s is not None], bins=bins, range=(-1, 1))
     top = max(1, counts.max())
-    bars = ''.join(f'<rect x="{i * width / bins:.1f}" y="{height - c / top * height:.1f}" width="{width / bins - 1:.1f}" '
-                   f'height="{c / top * height:.1f}" fill="#4a7"><title>{edges[i]:.1f}..{edges[i + 1]:.1f}: {c}</title></rect>'
+    bars = ''.join(f'<rect x="{i * width / bins:.1f}" y="{height - c / top * height:.1f}" '
+                   f'width="{width / bins - 1:.1f}" height="{c / top * height:.1f}" fill="#4a7">'
+                   f'<title>{edges[i]:.1f}..{edges[i + 1]:.1f}: {c}</title></rect>'
                    for i, c in enumerate(counts))
     return (f'<svg width="{width}" height="{height + 14}"><line x1="{width / 2}" y1="0" x2="{width / 2}" y2="{height}" '
             f'stroke="#999"/>{bars}<text x="0" y="{height + 12}" font-size="10">-1</text><text x="{width - 10}" '
@@ -129,7 +133,8 @@ def lines_svg(series, title, width=480, height=160):
     sx = lambda x: 40 + (x - x0) / ((x1 - x0) or 1) * (width - 50)
     sy = lambda y: 10 + (y1 - y) / ((y1 - y0) or 1) * (height - 30)
     paths = ''.join(f'<polyline fill="none" stroke="{COLORS[i % len(COLORS)]}" points="'
-                    + ' '.join(f'{sx(x):.1f},{sy(y):.1f}' for x, y in pts) + f'"><title>{html.escape(name)}</title></polyline>'
+                    + ' '.join(f'{sx(x):.1f},{sy(y):.1f}' for x, y in pts)
+                    + f'"><title>{html.escape(name)}</title></polyline>'
                     f'<text x="{width - 8}" y="{sy(pts[-1][1]):.1f}" font-size="10" text-anchor="end" '
                     f'fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>'
                     for i, (name, pts) in enumerate(series.items()) if pts)
@@ -154,7 +159,8 @@ def training_svg(ckpt_path):
     zero = {f'layer {l}': [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals if 'sparsity' in r]
             for l in range(layers)}
     return ('<h2>Training</h2>' + lines_svg(loss, 'loss over iterations')
-            + (lines_svg(zero, "the neurons' zero fraction (values not > 0) on the validation slice") if layers else ''))
+            + (lines_svg(zero, "the neurons' zero fraction (values not > 0) on the validation slice")
+               if layers else ''))
 
 
 def write_report(folder, summary, neuron_rows, decode):
@@ -250,14 +256,17 @@ def compare(folders):
 
     def figure(s, method):   # (mean, interval); the paper leaves out the last layer at 6L and 12L
         m = s['methods'].get(method, {}).get('model', {})
-        return (m.get('mean_excl_last'), m.get('ci_excl_last')) if s['model']['n_layer'] >= 6 else (m.get('mean'), m.get('ci'))
+        if s['model']['n_layer'] >= 6:
+            return m.get('mean_excl_last'), m.get('ci_excl_last')
+        return m.get('mean'), m.get('ci')
 
     def replicates(f, s, per_layer):    # seeded by the folder's name: a pair's figures do not depend on the others
         n = s['model']['n_layer']
         return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1],
                          key=zlib.crc32(os.path.normpath(f).encode()))
 
-    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic | zero fraction |',
+    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic '
+             '| zero fraction |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for f, s, _ in runs:
         zeros = ', '.join(str(s['stats'][str(l)]['zero_fraction']) for l in s['layer_ids'])   # per layer

@@ -86,7 +86,8 @@ if start.startswith('FILE:'):
         with open(start[5:], encoding='utf-8') as f:
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
-        fail(f"--start=FILE:{start[5:]}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}); "
+        why = e.strerror if isinstance(e, OSError) else 'not UTF-8 text'
+        fail(f"--start=FILE:{start[5:]}: cannot read it ({why}); "
              f"give a readable UTF-8 text file")
 ids = enc.encode(start, allowed_special={'<|endoftext|>'})
 if not ids:

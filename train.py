@@ -67,7 +67,8 @@ lr_decay_iters = 600000
 min_lr = 6e-5
 # system
 device = 'auto'                    # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'                     # 'auto' (bf16 on CUDA where supported, else float32), 'float32', 'bfloat16', 'float16'
+dtype = 'auto'                     # 'auto' (bf16 on a CUDA GPU that has it, else float32), 'float32', 'bfloat16',
+                                   # 'float16'
 compile = None                     # None: on for CUDA, off elsewhere
 backend = 'auto'                   # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
 peak_tflops = 0.0                  # for MFU where the device is not known (CPU); 0 = detect or leave MFU out
@@ -136,7 +137,8 @@ for split in ('train', 'val'):
         fail(f"{f} not found: make it with `{make}`")
     size = os.path.getsize(f)
     if size % 2:
-        fail(f"{f} has an odd number of bytes ({size:,}), so it is not a file of uint16 tokens; remake it with prepare.py")
+        fail(f"{f} has an odd number of bytes ({size:,}), so it is not a file of uint16 tokens; remake it with "
+             f"prepare.py")
     if size // 2 < block_size + 2:
         fail(f"{f} holds {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}; prepare more data or lower "
              f"block_size")
@@ -187,7 +189,8 @@ def estimate_loss():
         total = torch.zeros(2, device=device, dtype=torch.float64)
         active = torch.zeros(n_layer, model.config.hidden, device=device) if split == 'val' else None
         chunks = np.array_split(offsets, eval_iters)[rank::world_size]
-        for chunk in tqdm(chunks, desc=f"eval {split}", disable=not master, leave=False, file=sys.stderr, mininterval=2):
+        chunks = tqdm(chunks, desc=f"eval {split}", disable=not master, leave=False, file=sys.stderr, mininterval=2)
+        for chunk in chunks:
             x, y = batch_at(data, chunk)
             with autocast:
                 _, loss, neurons = model(x, y, return_neurons=True)
@@ -311,7 +314,7 @@ if master:
         if os.path.exists(log_path):
             with open(log_path) as f:
                 lines = [l for l in f if l.strip()]
-            kept = [l for l in lines if l.endswith('\n') and json.loads(l).get('iter', 0) <= iter_num]  # a cut line goes
+            kept = [l for l in lines if l.endswith('\n') and json.loads(l).get('iter', 0) <= iter_num]  # cut: goes
             with open(log_path + '.tmp', 'w') as f:
                 f.writelines(kept)
             os.replace(log_path + '.tmp', log_path)
@@ -351,7 +354,8 @@ def save_checkpoint(gathered):
 def stop_on_nonfinite(what, value):
     if not math.isfinite(value):
         if master:
-            saved = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+            saved = (f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else
+                     "no checkpoint was saved")
             also = "" if dtype == 'float32' else " or dtype='float32'"
             print(f"error: {what} is {value} at iter {iter_num}; stopping ({saved}). "
                   f"Try a lower learning_rate, a longer warmup_iters{also}.", file=sys.stderr)
@@ -363,7 +367,8 @@ def stop_on_nonfinite(what, value):
 # training loop: iteration iter_num evaluates (and checkpoints) the model after iter_num updates, then steps
 if master and decay_lr and max_iters < lr_decay_iters:
     print(f"warning: max_iters={max_iters} < lr_decay_iters={lr_decay_iters}: the learning rate ends at "
-          f"{get_lr(max_iters):.2e}, not min_lr={min_lr:g}; pass --lr_decay_iters={max_iters} to decay it within this run",
+          f"{get_lr(max_iters):.2e}, not min_lr={min_lr:g}; pass --lr_decay_iters={max_iters} to decay it within "
+          f"this run",
           file=sys.stderr)
 start_iter, t0, timed_iters = iter_num, time.time(), 0
 eval_seconds = 0.0                   # the last evaluation's time, for the ETA
@@ -371,7 +376,8 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group['lr'] = lr
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter and init_from == 'resume'):
+    resumed_here = iter_num == start_iter and init_from == 'resume'      # its eval is in the log already
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not resumed_here:
         t_eval = time.time()
         losses = estimate_loss()
         eval_seconds = time.time() - t_eval

@@ -11,11 +11,11 @@ l1 = 8e-5                          # l1_lambda (script_for_training), on sum_i |
 learning_rate = 4e-4               # lr (get_cfg, script_for_training)
 beta1 = 0.9                        # Adam betas (get_cfg); no weight decay, no clipping (train_step)
 beta2 = 0.999
-batch_size = 4                     # 4 sequences x 1024 tokens = 4,096 activations per step (get_cfg: batch_size, seq_len)
+batch_size = 4                     # 4 x 1024 = 4,096 activations per step (get_cfg: batch_size, seq_len)
 block_size = 1024
 min_lr = 4e-5                      # lr x sched_lr_factor 0.1 (get_cfg): where each cosine warm-up starts
-warmup_iters = 1000                # sched_epochs = sched_warmup_epochs = 1000: a half cosine from 4e-5 up to 4e-4, at the
-                                   # start and again after every resampling (main.py, resample_neurons), then constant
+warmup_iters = 1000                # sched_epochs = sched_warmup_epochs = 1000: a half cosine from 4e-5 up to 4e-4,
+                                   # at the start and after every resampling (main.py, resample_neurons), then constant
 buffer = 2**19                     # buffer_size: activations shuffled together (activation_training_order 'shuffled')
 resample_at = '10000,20000,50000,75000,100000'# resample_sae_neurons_at
 resample_window = 7500             # anthropic_resample_last: firing is counted over the last 7,500 steps before one

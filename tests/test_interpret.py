@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEAD, PLANT, TOKEN, planted_model, run, save
-
 import interpret as I
 import report as R
 from bench import record_bytes
-from model import ModelConfig, SparseAutoencoder, Transformer
+from conftest import DEAD, PLANT, TOKEN, planted_model, run, save
+from model import ModelConfig, Transformer
+from sae import SparseAutoencoder
 
 
 @pytest.fixture(scope='module')

@@ -229,6 +229,7 @@ def test_ten_as_two_tokens_reads_as_ten():
 
 def test_all_at_once_reads_ten_whichever_way_the_server_writes_it(server, tmp_path):
     import asyncio
+
     import interpret as I
     from llm import LLM
     toks = ['a', '(', 'unknown', '\t', 'b', '(']            # the word unknown and a tab are tokens, not slots
@@ -312,6 +313,7 @@ def test_timeouts_lower_the_requests_in_flight(ckpt, server, tmp_path):
 
 def test_dry_run_counts_whole_prompts(ckpt, server, tmp_path):
     import re
+
     import tiktoken
     enc = tiktoken.get_encoding('gpt2')
     p = interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat', '--dry_run=True')

@@ -7,9 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run
-
 import prepare as P
+from conftest import run
 
 EOT = 50256
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, read_log, run
-
 from model import load_model
 
 
