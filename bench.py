@@ -54,6 +54,7 @@ n_openai = 800
 n_anthropic = 800
 seq_len = 0                  # 0: the model's block_size
 # -----------------------------------------------------------------------------------------------------------
+OPTIONS = script_defaults(globals())
 KINDS = {'crate': dict(attn='mssa', ffn='ista', bias=True), 'gpt2': dict(attn='mha', ffn='mlp', bias=False)}
 
 
@@ -194,7 +195,7 @@ def bench_record(dev, autocast):
 
 
 if __name__ == '__main__':
-    globals().update(configure(script_defaults(globals()), sys.argv[1:]))
+    globals().update(configure(OPTIONS, sys.argv[1:]))
     for k in ('rounds', 'steps', 'batch_size', 'n_openai', 'n_anthropic'):
         if globals()[k] < 1:
             fail(f"--{k}={globals()[k]} must be at least 1")

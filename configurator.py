@@ -12,6 +12,7 @@ inside those functions only, so that prepare.py, which needs no torch, starts at
 """
 
 import ast
+import json
 import os
 import sys
 import traceback
@@ -134,3 +135,35 @@ def peak_flops(device, dtype, peak_tflops=0.0):
         if key in name:
             return tf32 if dtype == 'float32' else half
     return None
+
+
+def held_run(out_dir, init_from, overwrite):
+    """The files of an earlier run in out_dir that a fresh run would replace: refused unless overwrite is set."""
+    held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
+    if init_from == 'scratch' and held and not overwrite:
+        fail(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --init_from=resume, train into "
+             f"another --out_dir, or replace it with --overwrite=True")
+    return held if init_from == 'scratch' else []
+
+
+def start_run_folder(out_dir, held, resume_iter=None):
+    """Make out_dir (only now: a refused run leaves no empty folder), remove a killed save's partial checkpoint and
+    an overwritten run's files, and on resume cut log.jsonl back to the checkpoint's iteration (a killed run's later
+    lines are redone). Says what it did."""
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(ckpt_path + '.tmp'):
+        os.remove(ckpt_path + '.tmp')
+        print(f"removed {ckpt_path}.tmp, a partial checkpoint a killed run left")
+    for f in held:
+        os.remove(os.path.join(out_dir, f))
+    if held:
+        print(f"--overwrite=True: removed the earlier run's {' and '.join(held)} from {out_dir}")
+    if resume_iter is not None:
+        lines = open(log_path).readlines() if os.path.exists(log_path) else []
+        kept = [l for l in lines if l.endswith('\n') and json.loads(l).get('iter', 0) <= resume_iter]  # a cut line
+        with open(log_path + '.tmp', 'w') as f:                                                         # goes too
+            f.writelines(kept)
+        os.replace(log_path + '.tmp', log_path)
+        dropped = f"; dropped {len(lines) - len(kept)} log line(s) after it" if len(kept) < len(lines) else ""
+        print(f"resuming from iteration {resume_iter} of {ckpt_path}{dropped}")

@@ -43,7 +43,7 @@ from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expe
                  ten_after_one)
 from model import load_model, model_name
 from prepare import PrepareError, gpt2_tokenizer
-from report import compare, markdown, summarize, write_report
+from report import compare, summarize, write_all
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
@@ -77,6 +77,7 @@ dry_run = False              # print how many requests and tokens a run would us
 device = 'auto'
 dtype = 'float32'            # 'float32' or 'bfloat16' (recording)
 # -----------------------------------------------------------------------------------------------------------
+OPTIONS = script_defaults(globals())      # the options are the names above, nothing below
 
 TOP, RAND, BANDS, BAND_ITEMS = 50, 50, 11, 20
 TOKENS_LABEL = 'token-lookup baseline, not the LLM metric'
@@ -97,6 +98,22 @@ METHODS = {'openai': ['top_and_random', 'random_only'], 'anthropic': ['anthropic
 
 class InterpretError(Exception):
     pass
+
+
+def check_options():
+    """The options' values, before any work: a wrong one is a one-line error."""
+    for k in ('n_openai', 'n_anthropic', 'batch_size', 'concurrency'):
+        if globals()[k] < 1:
+            raise InterpretError(f"--{k}={globals()[k]} must be at least 1")
+    if protocol not in ('openai', 'anthropic', 'all'):
+        raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
+    if simulator not in ('chat', 'all-at-once', 'tokens'):
+        raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
+    if excerpt_edges not in ('stream', 'sequence'):
+        raise InterpretError(f"excerpt_edges must be 'stream' or 'sequence', got {excerpt_edges!r}")
+    if seq_len < 0 or dtype not in ('float32', 'bfloat16'):
+        raise InterpretError(f"--seq_len must be 0 (the block size) or more and --dtype 'float32' or 'bfloat16'; "
+                             f"got {seq_len} and {dtype!r}")
 
 
 # --- what to interpret ---------------------------------------------------------------------------------------------
@@ -787,18 +804,7 @@ def estimate(todo, recs, protocols, decode, count, simulator, explainer_max_toke
 # --- the script ----------------------------------------------------------------------------------------------------
 
 def main():
-    for k in ('n_openai', 'n_anthropic', 'batch_size', 'concurrency'):
-        if globals()[k] < 1:
-            raise InterpretError(f"--{k}={globals()[k]} must be at least 1")
-    if protocol not in ('openai', 'anthropic', 'all'):
-        raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
-    if simulator not in ('chat', 'all-at-once', 'tokens'):
-        raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
-    if excerpt_edges not in ('stream', 'sequence'):
-        raise InterpretError(f"excerpt_edges must be 'stream' or 'sequence', got {excerpt_edges!r}")
-    if seq_len < 0 or dtype not in ('float32', 'bfloat16'):
-        raise InterpretError(f"--seq_len must be 0 (the block size) or more and --dtype 'float32' or 'bfloat16'; "
-                             f"got {seq_len} and {dtype!r}")
+    check_options()
     try:
         dev = pick_device(device)
         enc = gpt2_tokenizer()
@@ -881,18 +887,7 @@ def main():
                'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},
                'methods': {m: {'layers': {str(l): v for l, v in s['layers'].items()}, 'model': s['model']}
                            for m, s in ((m, summarize(v, cfg.n_layer)) for m, v in per_method.items())}}
-    with open(os.path.join(folder, 'neurons.jsonl'), 'w') as f:
-        for r in rows:
-            slim = {k: {kk: vv for kk, vv in v.items() if kk != 'show'} for k, v in r['scores'].items()}
-            row = {'layer': r['layer'], 'neuron': r['neuron'], 'simulator': simulator, 'scores': slim}
-            f.write(json.dumps(row) + '\n')
-    with open(os.path.join(folder, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
-    md = markdown(summary)
-    with open(os.path.join(folder, 'summary.md'), 'w') as f:
-        f.write(md)
-    write_report(folder, summary, rows, decode)
-    print(md)
+    print(write_all(folder, summary, rows, decode))
     if llm:
         print(f"LLM: {llm.requests} requests ({llm.cached} answered from the cache), "
               f"{llm.prompt_tokens:,} prompt + {llm.completion_tokens:,} completion tokens")
@@ -922,7 +917,7 @@ if __name__ == '__main__':
                 fail("--compare needs one or more interp folders, e.g. --compare out-crate/interp out-gpt2/interp")
             print(compare(sys.argv[2:]))
         else:
-            globals().update(configure(script_defaults(globals()), sys.argv[1:]))
+            globals().update(configure(OPTIONS, sys.argv[1:]))
             # asyncio.run (3.11+) turns Ctrl-C into a cancellation of its task, which a client library deep in a
             # request can swallow, and the run then goes on; a handler of our own keeps it a KeyboardInterrupt
             signal.signal(signal.SIGINT, interrupt)

@@ -289,3 +289,20 @@ def compare(folders):
                 rel = f"{100 * (x / y - 1):+.0f}% [{100 * rlo:+.0f}%, {100 * rhi:+.0f}%]"
             lines.append(f"- {c}: difference {x - y:+.2f} [{lo:+.2f}, {hi:+.2f}], relative {rel}")
     return '\n'.join(lines)
+
+
+def write_all(folder, summary, rows, decode):
+    """neurons.jsonl (every neuron's scores and explanations), summary.json, summary.md and report.html in folder;
+    returns summary.md's text."""
+    with open(os.path.join(folder, 'neurons.jsonl'), 'w') as f:
+        for r in rows:
+            slim = {k: {kk: vv for kk, vv in v.items() if kk != 'show'} for k, v in r['scores'].items()}
+            row = {'layer': r['layer'], 'neuron': r['neuron'], 'simulator': summary['simulator'], 'scores': slim}
+            f.write(json.dumps(row) + '\n')
+    with open(os.path.join(folder, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    md = markdown(summary)
+    with open(os.path.join(folder, 'summary.md'), 'w') as f:
+        f.write(md)
+    write_report(folder, summary, rows, decode)
+    return md

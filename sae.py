@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure, fail, mixed_precision, pick_device, script_defaults
+from configurator import configure, fail, held_run, mixed_precision, pick_device, script_defaults, start_run_folder
 from model import load_model, model_name, read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
@@ -329,10 +329,7 @@ def main():
     it, fill, used, fired_since = 0, 0, 0, 0
     rng_state = np.random.default_rng(seed).bit_generator.state
     fired = torch.zeros(model.config.n_features, dtype=torch.long, device=dev)
-    held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
-    if init_from == 'scratch' and held and not overwrite:
-        fail(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --init_from=resume, train into "
-             f"another --out_dir, or replace it with --overwrite=True")
+    held = held_run(out_dir, init_from, overwrite)
     if init_from == 'resume':
         try:
             ckpt = read_checkpoint(ckpt_path)
@@ -343,16 +340,7 @@ def main():
             fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0]}")
         it, fill, used, fired_since, rng_state = s['iter'], s['fill'], s['used'], s['fired_since'], s['rng']
         fired = s['fired'].to(dev)
-    os.makedirs(out_dir, exist_ok=True)
-    if init_from == 'scratch':
-        for f in held:
-            os.remove(os.path.join(out_dir, f))
-    else:                  # the log keeps what the checkpoint saw: a killed run's later lines are redone
-        lines = open(log_path).readlines() if os.path.exists(log_path) else []
-        with open(log_path + '.tmp', 'w') as f:
-            f.writelines(l for l in lines if l.endswith('\n') and json.loads(l)['iter'] <= it)
-        os.replace(log_path + '.tmp', log_path)
-        print(f"resuming from iteration {it} of {ckpt_path}")
+    start_run_folder(out_dir, held, it if init_from == 'resume' else None)
     acts, next_state = fill_buffer(model, rng_state, fill, dev, autocast)
 
     def log(record):

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import configure, fail, mixed_precision, peak_flops, pick_device, script_defaults
+from configurator import (configure, fail, held_run, mixed_precision, peak_flops, pick_device, script_defaults,
+                          start_run_folder)
 from model import ModelConfig, Transformer, check_state_dict, read_checkpoint
 from prepare import HUB
 
@@ -228,10 +229,7 @@ def get_lr(it):
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 iter_num, best_val_loss = 0, float('inf')
 peak = peak_flops(device, dtype, peak_tflops)
-held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
-if init_from == 'scratch' and held and not overwrite:
-    fail(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --init_from=resume, train into another "
-         f"--out_dir, or replace it with --overwrite=True")
+held = held_run(out_dir, init_from, overwrite)
 if init_from == 'resume':
     try:
         checkpoint = read_checkpoint(ckpt_path)
@@ -301,25 +299,7 @@ if master:
 
 log_path = os.path.join(out_dir, 'log.jsonl')
 if master:
-    os.makedirs(out_dir, exist_ok=True)     # only now: a run refused above leaves no empty folder
-    if os.path.exists(ckpt_path + '.tmp'):
-        os.remove(ckpt_path + '.tmp')
-        print(f"removed {ckpt_path}.tmp, a partial checkpoint a killed run left")
-    if init_from == 'scratch' and held:
-        for f in held:
-            os.remove(os.path.join(out_dir, f))
-        print(f"--overwrite=True: removed the earlier run's {' and '.join(held)} from {out_dir}")
-    if init_from == 'resume':    # the log keeps what the checkpoint saw: a killed run's later lines are redone
-        lines = kept = []
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                lines = [l for l in f if l.strip()]
-            kept = [l for l in lines if l.endswith('\n') and json.loads(l).get('iter', 0) <= iter_num]  # cut: goes
-            with open(log_path + '.tmp', 'w') as f:
-                f.writelines(kept)
-            os.replace(log_path + '.tmp', log_path)
-        dropped = f"; dropped {len(lines) - len(kept)} log line(s) after it" if len(kept) < len(lines) else ""
-        print(f"resuming from iteration {iter_num} of {ckpt_path}{dropped}")
+    start_run_folder(out_dir, held, iter_num if init_from == 'resume' else None)
 
 
 def log(record):
