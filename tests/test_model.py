@@ -11,19 +11,47 @@ from model import ISTA, MSSA, ModelConfig, Transformer, load_model, overwrite
 
 GPT2 = dict(attn='mha', ffn='mlp', bias=False)
 
+# The equations first: a released CRATE checkpoint, ISTA and MSSA against the paper's formulas written out by hand.
 
-@pytest.mark.parametrize('size, crate, gpt2', [
-    ((1, 4, 128), 6_538_112, 6_635_904),
-    ((2, 4, 128), 6_637_056, 6_832_768),
-    ((3, 4, 128), 6_736_000, 7_029_632),
-    ((6, 12, 768), 59_891_712, 81_110_784),
-    ((12, 12, 768), 81_148_416, 123_587_328),
-])
-def test_parameter_counts_match_the_papers_table(size, crate, gpt2):
-    L, K, d = size
-    with torch.device('meta'):  # no memory, no init time: only the shapes count
-        assert Transformer(ModelConfig(n_layer=L, n_head=K, n_embd=d)).get_num_params() == crate
-        assert Transformer(ModelConfig(n_layer=L, n_head=K, n_embd=d, **GPT2)).get_num_params() == gpt2
+
+def crate_from_the_equations(sd, idx, n_layer, heads):
+    """Logits and codes of a released CRATE, written from the paper's equations with plain tensor operations."""
+    w = {k.removeprefix('_orig_mod.'): v.double() for k, v in sd.items()}
+    ln = lambda x, p: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) \
+        * w[p + '.weight'] + w[p + '.bias']
+    B, T = idx.shape
+    z = w['transformer.wte.weight'][idx] + w['transformer.wpe.weight'][:T]
+    codes = []
+    for i in range(n_layer):
+        p = f'transformer.h.{i}.'
+        u = ln(z, p + 'prenorm_1') @ w[p + 'attn.c_attn.weight'].T                     # u = U x, query = key = value
+        uk = u.view(B, T, heads, -1).transpose(1, 2)
+        scores = uk @ uk.transpose(-1, -2) / math.sqrt(uk.shape[-1])
+        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float('-inf'))
+        heads_out = (scores.softmax(-1) @ uk).transpose(1, 2).reshape(B, T, -1)
+        z = z + heads_out @ w[p + 'attn.c_proj.weight'].T + w[p + 'attn.c_proj.bias']   # Z_half = Z + MSSA(LN1(Z))
+        x, D = ln(z, p + 'prenorm_2'), w[p + 'ista.weight'].T                          # D: d x 4d
+        A = torch.zeros(B, T, D.shape[1], dtype=torch.float64)
+        for _ in range(2):                           # A_k = ReLU(A_{k-1} + eta D^T (x - D A_{k-1}) - eta lambda)
+            A = torch.relu(A + 0.1 * (x - A @ D.T) @ D - 0.1 * 0.1)
+        codes.append(A)
+        z = A @ D.T                                                                    # Z_next = D A_t
+    return ln(z, 'transformer.ln_f') @ w['transformer.wte.weight'].T, codes
+
+
+def test_released_checkpoint_loads_and_equals_the_equations(tmp_path):
+    """The paper's released CRATE checkpoints: nanoGPT-format dicts with their own key names, bias=False recorded."""
+    sd, args = released_crate()
+    torch.save({'model': sd, 'model_args': args, 'iter_num': 1, 'best_val_loss': torch.tensor(3.5)}, tmp_path / 'ckpt.pt')
+    loaded = load_model(str(tmp_path)).double()
+    assert (loaded.config.attn, loaded.config.ffn, loaded.config.ista_steps, loaded.config.bias) == ('mssa', 'ista', 2, True)
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(8))
+    logits, _, codes = loaded(idx, idx, return_neurons=True)
+    want_logits, want_codes = crate_from_the_equations(sd, idx, 2, 2)
+    torch.testing.assert_close(logits, want_logits)
+    for got, want in zip(codes, want_codes):
+        torch.testing.assert_close(got, want)
+    assert float(loaded.val_loss) == 3.5
 
 
 def ista_by_hand(x, W, t, eta, lam):
@@ -88,6 +116,20 @@ def test_crate_block_has_no_residual_around_ista():
     out, A = block(z)
     torch.testing.assert_close(out, A @ block.ffn.weight)                # Z_next = D A_t, nothing added
     torch.testing.assert_close(block.ffn(block.ln_2(z_half))[0], out)
+
+
+@pytest.mark.parametrize('size, crate, gpt2', [
+    ((1, 4, 128), 6_538_112, 6_635_904),
+    ((2, 4, 128), 6_637_056, 6_832_768),
+    ((3, 4, 128), 6_736_000, 7_029_632),
+    ((6, 12, 768), 59_891_712, 81_110_784),
+    ((12, 12, 768), 81_148_416, 123_587_328),
+])
+def test_parameter_counts_match_the_papers_table(size, crate, gpt2):
+    L, K, d = size
+    with torch.device('meta'):  # no memory, no init time: only the shapes count
+        assert Transformer(ModelConfig(n_layer=L, n_head=K, n_embd=d)).get_num_params() == crate
+        assert Transformer(ModelConfig(n_layer=L, n_head=K, n_embd=d, **GPT2)).get_num_params() == gpt2
 
 
 def test_init():
@@ -156,46 +198,6 @@ def test_generate_is_reproducible():
     assert torch.equal(*outs) and outs[0].shape == (1, 15)      # longer than block_size: context is cropped
     greedy = model.generate(x, 4, temperature=0)
     assert torch.equal(greedy, model.generate(x, 4, temperature=0))
-
-
-def crate_from_the_equations(sd, idx, n_layer, heads):
-    """Logits and codes of a released CRATE, written from the paper's equations with plain tensor operations."""
-    w = {k.removeprefix('_orig_mod.'): v.double() for k, v in sd.items()}
-    ln = lambda x, p: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) \
-        * w[p + '.weight'] + w[p + '.bias']
-    B, T = idx.shape
-    z = w['transformer.wte.weight'][idx] + w['transformer.wpe.weight'][:T]
-    codes = []
-    for i in range(n_layer):
-        p = f'transformer.h.{i}.'
-        u = ln(z, p + 'prenorm_1') @ w[p + 'attn.c_attn.weight'].T                     # u = U x, query = key = value
-        uk = u.view(B, T, heads, -1).transpose(1, 2)
-        scores = uk @ uk.transpose(-1, -2) / math.sqrt(uk.shape[-1])
-        scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float('-inf'))
-        heads_out = (scores.softmax(-1) @ uk).transpose(1, 2).reshape(B, T, -1)
-        z = z + heads_out @ w[p + 'attn.c_proj.weight'].T + w[p + 'attn.c_proj.bias']   # Z_half = Z + MSSA(LN1(Z))
-        x, D = ln(z, p + 'prenorm_2'), w[p + 'ista.weight'].T                          # D: d x 4d
-        A = torch.zeros(B, T, D.shape[1], dtype=torch.float64)
-        for _ in range(2):                           # A_k = ReLU(A_{k-1} + eta D^T (x - D A_{k-1}) - eta lambda)
-            A = torch.relu(A + 0.1 * (x - A @ D.T) @ D - 0.1 * 0.1)
-        codes.append(A)
-        z = A @ D.T                                                                    # Z_next = D A_t
-    return ln(z, 'transformer.ln_f') @ w['transformer.wte.weight'].T, codes
-
-
-def test_released_checkpoint_loads_and_equals_the_equations(tmp_path):
-    """The paper's released CRATE checkpoints: nanoGPT-format dicts with their own key names, bias=False recorded."""
-    sd, args = released_crate()
-    torch.save({'model': sd, 'model_args': args, 'iter_num': 1, 'best_val_loss': torch.tensor(3.5)}, tmp_path / 'ckpt.pt')
-    loaded = load_model(str(tmp_path)).double()
-    assert (loaded.config.attn, loaded.config.ffn, loaded.config.ista_steps, loaded.config.bias) == ('mssa', 'ista', 2, True)
-    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(8))
-    logits, _, codes = loaded(idx, idx, return_neurons=True)
-    want_logits, want_codes = crate_from_the_equations(sd, idx, 2, 2)
-    torch.testing.assert_close(logits, want_logits)
-    for got, want in zip(codes, want_codes):
-        torch.testing.assert_close(got, want)
-    assert float(loaded.val_loss) == 3.5
 
 
 def test_bad_config_is_a_clear_error():

@@ -45,20 +45,6 @@ def test_training_lowers_the_loss(data_dir, tmp_path):
         assert len(evals[0]['sparsity']) == 2
 
 
-def test_resume_equals_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
-    args = ['--max_iters=12', '--eval_interval=6', '--lr_decay_iters=12', '--dropout=0.1']
-    train(data_dir, tmp_path / 'full', *args)
-    train(data_dir, tmp_path / 'part', *args[1:], '--max_iters=6')
-    ckpt = torch.load(tmp_path / 'part' / 'ckpt.pt', weights_only=True)
-    assert ckpt['iter_num'] == 6 and set(ckpt['rng']) == {'sampler', 'torch', 'cuda', 'numpy'}
-    train(data_dir, tmp_path / 'part', *args, '--init_from=resume')
-    full, part = losses(tmp_path / 'full'), losses(tmp_path / 'part')
-    assert sorted(full) == sorted(part) == list(range(1, 13))
-    assert all(full[i] == part[i] for i in full)               # exact float equality, with dropout on
-    for a, b in zip(load_model(str(tmp_path / 'full')).parameters(), load_model(str(tmp_path / 'part')).parameters()):
-        assert torch.equal(a, b)
-
-
 def test_torchrun_two_processes_equal_one_with_twice_the_accumulation(data_dir, tmp_path):
     args = ['--max_iters=6', '--eval_interval=6', '--gradient_accumulation_steps=4']
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
@@ -208,12 +194,15 @@ def test_a_fresh_run_never_overwrites_a_run(data_dir, tmp_path):
     assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 2
 
 
-def test_resume_after_a_kill_cuts_the_log_to_the_checkpoint(data_dir, tmp_path):
-    """A kill after iteration 6 with the last checkpoint at 3: the log has 4..6 twice unless resume cuts it."""
-    args = ['--eval_interval=3', '--lr_decay_iters=6']
+def test_resume_after_a_kill_equals_the_uninterrupted_run_bit_for_bit(data_dir, tmp_path):
+    """A kill after iteration 6 with the last checkpoint at 3: the log has 4..6 twice unless resume cuts it; the
+    losses and weights then equal an uninterrupted run's exactly, dropout included (every random state is kept)."""
+    args = ['--eval_interval=3', '--lr_decay_iters=6', '--dropout=0.1']
     full, part = tmp_path / 'full', tmp_path / 'part'
     train(data_dir, full, *args, '--max_iters=6')
     train(data_dir, part, *args, '--max_iters=3')
+    ckpt = torch.load(part / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 3 and set(ckpt['rng']) == {'sampler', 'torch', 'cuda', 'numpy'}
     ckpt3 = (part / 'ckpt.pt').read_bytes()
     train(data_dir, part, *args, '--max_iters=6', '--init_from=resume')
     (part / 'ckpt.pt').write_bytes(ckpt3)                 # as if killed after 6 before its checkpoint was written
@@ -224,5 +213,7 @@ def test_resume_after_a_kill_cuts_the_log_to_the_checkpoint(data_dir, tmp_path):
     assert 'resuming from iteration 3 of' in p.stdout and 'dropped 5 log line(s) after it' in p.stdout
     assert f'removed {part / "ckpt.pt.tmp"}, a partial checkpoint' in p.stdout
     numbers = lambda out: [(r['iter'], r.get('loss'), r.get('val_loss')) for r in read_log(out)]
-    assert numbers(part) == numbers(full)                 # one line per iteration, the same losses
+    assert numbers(part) == numbers(full)                 # one line per iteration, the same losses exactly
     assert not (part / 'ckpt.pt.tmp').exists()
+    for a, b in zip(load_model(str(full)).parameters(), load_model(str(part)).parameters()):
+        assert torch.equal(a, b)
