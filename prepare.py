@@ -4,10 +4,9 @@ by <|endoftext|> (50256), and meta.json, written last.
 
     python prepare.py                                    # the Pile (the paper's data), streamed from the hub
     python prepare.py --dataset=tinystories
-    python prepare.py --files 'notes/*.txt' 'papers/*.jsonl' --name=mine --train_tokens=all
+    python prepare.py --files='notes/*.txt' --files='papers/*.jsonl' --name=mine --train_tokens=all
 """
 
-import argparse
 import glob
 import hashlib
 import itertools
@@ -16,10 +15,26 @@ import os
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from configurator import fail
+from configurator import configure, fail, script_defaults
+
+# -----------------------------------------------------------------------------------------------------------
+dataset = 'pile'             # pile, fineweb-edu or tinystories (streamed from the hub); ignored with --files
+files = []                   # local .txt, .jsonl/.json or .parquet files instead: a glob, repeatable
+name = ''                    # output name: data/<name>/ (default: the dataset, or 'local' with --files)
+out_dir = ''                 # output folder (default data/<name>)
+train_tokens = None          # token budget for train.bin, or 'all' (default: the dataset's, below)
+val_tokens = None            # token budget for val.bin, or 'all'
+val_fraction = 0.01          # share of documents held out for val, by a hash of each (local files, FineWeb-Edu)
+split_by = 'file'            # .txt: a document is a 'file' or a 'paragraph'
+text_field = 'text'          # the text field of .jsonl/.json/.parquet records
+num_proc = os.cpu_count()    # tokenizer threads
+force = False                # redo a finished output
+# -----------------------------------------------------------------------------------------------------------
+OPTIONS = script_defaults(globals())
 
 EOT = 50256
 HUB = {  # name: (hub path, config, train split, val split or None to hold out by hash, default budgets)
@@ -40,20 +55,8 @@ class Offline(PrepareError):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--dataset', default='pile', help=f"one of {', '.join(HUB)} (ignored with --files)")
-    p.add_argument('--files', nargs='+', metavar='GLOB', help='local .txt, .jsonl/.json or .parquet files instead')
-    p.add_argument('--name', help='output name: data/<name>/ (default: the dataset, or "local" with --files)')
-    p.add_argument('--out_dir', help='output folder (default data/<name>)')
-    p.add_argument('--train_tokens', default=None, help="token budget for train.bin, or 'all'")
-    p.add_argument('--val_tokens', default=None, help="token budget for val.bin, or 'all'")
-    p.add_argument('--val_fraction', type=float, default=0.01, help='share of documents held out for val, by hash')
-    p.add_argument('--split_by', choices=('file', 'paragraph'), default='file',
-                   help='.txt: a document is a file or a paragraph')
-    p.add_argument('--text_field', default='text', help='the text field of .jsonl/.json/.parquet records')
-    p.add_argument('--num_proc', type=int, default=os.cpu_count(), help='tokenizer threads')
-    p.add_argument('--force', action='store_true', help='redo a finished output')
-    return p.parse_args(argv)
+    """The options, with argv's config files and --key=value applied (configurator.py)."""
+    return SimpleNamespace(**configure(OPTIONS, argv))
 
 
 def gpt2_tokenizer():
@@ -93,7 +96,7 @@ def expand(globs):
     for g in globs:
         found = sorted(glob.glob(os.path.expanduser(g), recursive=True))
         if not found:
-            raise PrepareError(f"--files {g!r} matches no file")
+            raise PrepareError(f"--files={g!r} matches no file")
         files += [f for f in found if os.path.isfile(f)]
     for f in files:
         if not f.endswith(('.txt', '.jsonl', '.json', '.parquet')):
@@ -181,7 +184,7 @@ def hub_documents(name, split):
         first = next(it)
     except (ConnectionError, OSError) as e:
         raise Offline(f"cannot reach the Hugging Face hub for {path} ({type(e).__name__}); without the network "
-                      f"prepare local text instead: python prepare.py --files 'docs/*.txt'")
+                      f"prepare local text instead: python prepare.py --files='docs/*.txt' --split_by=paragraph")
     return itertools.chain([first], it)
 
 
@@ -246,6 +249,8 @@ def prepare(args, hub_docs=hub_documents):
     budgets = {'train': budget(args.train_tokens, defaults[0]), 'val': budget(args.val_tokens, defaults[1])}
     if args.num_proc < 1:
         raise PrepareError(f"--num_proc must be at least 1, got {args.num_proc}")
+    if args.split_by not in ('file', 'paragraph'):
+        raise PrepareError(f"--split_by={args.split_by}: use 'file' or 'paragraph'")
     if not 0 < args.val_fraction < 1:
         raise PrepareError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
 
@@ -297,7 +302,7 @@ def prepare(args, hub_docs=hub_documents):
                 nbytes = tokenize_into(texts(train_split), route, budgets, out_dir, args.num_proc, counts)
         for s in ('train', 'val'):
             if counts[s]['tokens'] == 0:
-                hint = (" (every document went to train: add documents, use --split_by paragraph or raise "
+                hint = (" (every document went to train: add documents, use --split_by=paragraph or raise "
                         "--val_fraction)" if s == 'val' and counts['train']['tokens'] else "")
                 raise PrepareError(f"the {s} split is empty: the source gave it no text{hint}")
         # finished: swap the new files in, meta.json last so that it only ever describes complete files

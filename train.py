@@ -134,7 +134,7 @@ for split in ('train', 'val'):
     if not os.path.exists(f):
         where = '' if data_dir == 'data' else f" --out_dir={data_path}"
         make = (f"python prepare.py --dataset={dataset}{where}" if dataset in HUB else
-                f"python prepare.py --files 'docs/*.txt' --name={dataset}{where}")
+                f"python prepare.py --files='docs/*.txt' --name={dataset}{where}")
         fail(f"{f} not found: make it with `{make}`")
     size = os.path.getsize(f)
     if size % 2:

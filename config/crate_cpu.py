@@ -1,7 +1,7 @@
 # A tiny CRATE that trains on a 2-core CPU in about 7 minutes (300 steps of 2,048 tokens; the 50k-token output
 # layer dominates), to try the code without a GPU.
 # Data: any prepared dataset, e.g. `python prepare.py --dataset=tinystories` (needs the network) or
-# `python prepare.py --files 'my_texts/*.txt' --name=mytext` and then --dataset=mytext.
+# `python prepare.py --files='my_texts/*.txt' --name=mytext` and then --dataset=mytext.
 out_dir = 'out-crate-cpu'
 dataset = 'tinystories'
 device = 'cpu'

@@ -56,8 +56,8 @@ def sources(tmp_path):
 def test_local_files_round_trip_and_split(sources, tmp_path):
     d, docs = sources
     out = tmp_path / 'out'
-    meta = prep('--files', str(d / '*.txt'), str(d / '*.jsonl'), str(d / '*.parquet'), str(d / '*.json'),
-                '--out_dir', str(out), '--val_fraction=0.3', '--train_tokens=all', '--val_tokens=all')
+    meta = prep(f'--files={d / "*.txt"}', f'--files={d / "*.jsonl"}', f'--files={d / "*.parquet"}', f'--files={d / "*.json"}',
+                f'--out_dir={out}', '--val_fraction=0.3', '--train_tokens=all', '--val_tokens=all')
     train, val = docs_of(out, 'train'), docs_of(out, 'val')
     assert sorted(train + val) == sorted(docs)                 # every document, exactly, once
     assert not set(train) & set(val) and 10 < len(val) < 60
@@ -65,16 +65,16 @@ def test_local_files_round_trip_and_split(sources, tmp_path):
     assert meta['splits']['train']['documents'] == len(train) and meta['splits']['val']['documents'] == len(val)
     assert meta['splits']['train']['tokens'] == os.path.getsize(out / 'train.bin') // 2
     first = (out / 'train.bin').read_bytes()
-    prep('--files', str(d / '*.txt'), str(d / '*.jsonl'), str(d / '*.parquet'), str(d / '*.json'),
-         '--out_dir', str(out), '--val_fraction=0.3', '--train_tokens=all', '--val_tokens=all', '--force')
+    prep(f'--files={d / "*.txt"}', f'--files={d / "*.jsonl"}', f'--files={d / "*.parquet"}', f'--files={d / "*.json"}',
+         f'--out_dir={out}', '--val_fraction=0.3', '--train_tokens=all', '--val_tokens=all', '--force=True')
     assert (out / 'train.bin').read_bytes() == first           # deterministic
     assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
 
 
 def test_split_is_stable_when_files_are_added(sources, tmp_path):
     d, docs = sources
-    prep('--files', str(d / '0[0-1]*.txt'), '--out_dir', str(tmp_path / 'a'), '--val_fraction=0.3')
-    prep('--files', str(d / '*.txt'), '--out_dir', str(tmp_path / 'b'), '--val_fraction=0.3')
+    prep(f'--files={d / "0[0-1]*.txt"}', f'--out_dir={tmp_path / "a"}', '--val_fraction=0.3')
+    prep(f'--files={d / "*.txt"}', f'--out_dir={tmp_path / "b"}', '--val_fraction=0.3')
     assert set(docs_of(tmp_path / 'a', 'val')) <= set(docs_of(tmp_path / 'b', 'val'))
     assert set(docs_of(tmp_path / 'a', 'train')) <= set(docs_of(tmp_path / 'b', 'train'))
 
@@ -83,13 +83,13 @@ def test_paragraph_split(tmp_path):
     paras = ['First para\nline two.'] + [f'Paragraph {i}.' for i in range(10)]
     (tmp_path / 'a.txt').write_text('\n\n\n'.join(paras[:2]) + '\n  \n' + '\n\n'.join(paras[2:]) + '\n')
     out = tmp_path / 'o'
-    prep('--files', str(tmp_path / 'a.txt'), '--split_by', 'paragraph', '--out_dir', str(out), '--val_fraction=0.5')
+    prep(f'--files={tmp_path / "a.txt"}', '--split_by=paragraph', f'--out_dir={out}', '--val_fraction=0.5')
     assert sorted(docs_of(out, 'train') + docs_of(out, 'val')) == sorted(paras)
 
 
 def test_budgets_are_exact(sources, tmp_path):
     d, _ = sources
-    meta = prep('--files', str(d / '*.jsonl'), str(d / '*.txt'), '--out_dir', str(tmp_path / 'o'),
+    meta = prep(f'--files={d / "*.jsonl"}', f'--files={d / "*.txt"}', f'--out_dir={tmp_path / "o"}',
                 '--train_tokens=137', '--val_tokens=61', '--val_fraction=0.3')
     assert os.path.getsize(tmp_path / 'o' / 'train.bin') == 2 * 137
     assert os.path.getsize(tmp_path / 'o' / 'val.bin') == 2 * 61
@@ -109,7 +109,7 @@ def fake_hub(streams, stop_after=None):
 def test_hub_with_its_own_validation_split(tmp_path):
     train, val = make_docs(200, 1), make_docs(50, 2)
     out = tmp_path / 'pile'
-    meta = prep('--dataset=pile', '--out_dir', str(out), '--train_tokens=all', '--val_tokens=300',
+    meta = prep('--dataset=pile', f'--out_dir={out}', '--train_tokens=all', '--val_tokens=300',
                 hub_docs=fake_hub({'train': train, 'validation': val}))
     assert docs_of(out, 'train') == train
     assert os.path.getsize(out / 'val.bin') == 600 and meta['settings']['source']['hub'] == 'monology/pile-uncopyrighted'
@@ -122,7 +122,7 @@ def test_hub_with_its_own_validation_split(tmp_path):
 def test_hub_without_validation_split_holds_out_by_hash(tmp_path):
     docs = make_docs(300, 3)
     out = tmp_path / 'fw'
-    prep('--dataset=fineweb-edu', '--out_dir', str(out), '--train_tokens=all', '--val_tokens=all',
+    prep('--dataset=fineweb-edu', f'--out_dir={out}', '--train_tokens=all', '--val_tokens=all',
          '--val_fraction=0.2', hub_docs=fake_hub({'train': docs}))
     assert sorted(docs_of(out, 'train') + docs_of(out, 'val')) == sorted(docs)
     assert all(P.is_val(t, 0.2) for t in docs_of(out, 'val'))
@@ -131,46 +131,46 @@ def test_hub_without_validation_split_holds_out_by_hash(tmp_path):
 def test_interrupted_run_leaves_nothing_half_written(tmp_path):
     out = tmp_path / 'ts'
     with pytest.raises(KeyboardInterrupt):
-        prep('--dataset=tinystories', '--out_dir', str(out), '--val_tokens=all',
+        prep('--dataset=tinystories', f'--out_dir={out}', '--val_tokens=all',
              hub_docs=fake_hub({'train': make_docs(100), 'validation': make_docs(100)}, stop_after=50))
     assert not out.exists()                                     # not even an empty folder
-    prep('--dataset=tinystories', '--out_dir', str(out), hub_docs=fake_hub({'train': make_docs(9), 'validation': make_docs(9, 1)}))
+    prep('--dataset=tinystories', f'--out_dir={out}', hub_docs=fake_hub({'train': make_docs(9), 'validation': make_docs(9, 1)}))
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     with pytest.raises(KeyboardInterrupt):                      # an interrupted redo keeps the finished data
-        prep('--dataset=tinystories', '--out_dir', str(out), '--force',
+        prep('--dataset=tinystories', f'--out_dir={out}', '--force=True',
              hub_docs=fake_hub({'train': make_docs(100), 'validation': make_docs(100)}, stop_after=50))
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 def test_rerun_does_nothing_unless_forced(sources, tmp_path, capsys):
     d, _ = sources
-    args = ['--files', str(d / '*.jsonl'), '--out_dir', str(tmp_path / 'o'), '--val_fraction=0.3']
+    args = [f'--files={d / "*.jsonl"}', f'--out_dir={tmp_path / "o"}', '--val_fraction=0.3']
     assert prep(*args) is not None
     assert prep(*args) is None and 'already prepared' in capsys.readouterr().out
-    assert prep(*args, '--force') is not None
+    assert prep(*args, '--force=True') is not None
     assert prep(*args, '--val_fraction=0.4') is not None       # other settings: redone
 
 
 @pytest.mark.parametrize('make, argv, message', [
     (None, ['--dataset=wikipedia'], "unknown dataset 'wikipedia'; choose one of pile, fineweb-edu, tinystories"),
-    (None, ['--files', 'nowhere/*.txt'], "--files 'nowhere/*.txt' matches no file"),
-    ({'a.jsonl': '{"body": "x"}\n'}, ['--files', '{d}/a.jsonl'], "a.jsonl line 1 has no field 'text'"),
-    ({'a.txt': ''}, ['--files', '{d}/a.txt'], 'the train split is empty'),
-    ({'a.txt': 'one document'}, ['--files', '{d}/a.txt', '--val_fraction=0.001'], 'the val split is empty'),
-    ({'a.txt': 'x'}, ['--files', '{d}/a.txt', '--train_tokens=1e15'], 'GB free but the budget needs about'),
-    ({'a.csv': 'x'}, ['--files', '{d}/a.csv'], 'unsupported file type'),
+    (None, ['--files=nowhere/*.txt'], "--files='nowhere/*.txt' matches no file"),
+    ({'a.jsonl': '{"body": "x"}\n'}, ['--files={d}/a.jsonl'], "a.jsonl line 1 has no field 'text'"),
+    ({'a.txt': ''}, ['--files={d}/a.txt'], 'the train split is empty'),
+    ({'a.txt': 'one document'}, ['--files={d}/a.txt', '--val_fraction=0.001'], 'the val split is empty'),
+    ({'a.txt': 'x'}, ['--files={d}/a.txt', '--train_tokens=1e15'], 'GB free but the budget needs about'),
+    ({'a.csv': 'x'}, ['--files={d}/a.csv'], 'unsupported file type'),
     (None, ['--dataset=tinystories'], "cannot reach the Hugging Face hub for roneneldan/TinyStories"),
-    (None, ['--dataset=tinystories', '--name=mine'], "python prepare.py --files 'docs/*.txt' --name=mine"),
-    ({'a.jsonl': '{"text": "fine"}\n\n{"text": "cut\n'}, ['--files', '{d}/a.jsonl'], 'a.jsonl line 3: not valid JSON'),
-    ({'a.json': '[{"text": "x"},\n {"text": }]'}, ['--files', '{d}/a.json'], 'a.json line 2: not valid JSON'),
-    ({'a.txt': b'caf\xe9 au lait\n'}, ['--files', '{d}/a.txt'], 'a.txt is not UTF-8 text (byte 0xe9 in line 1)'),
-    ({'a.txt': b'ok\n\x7fELF\x00\x01\x02'}, ['--files', '{d}/a.txt'], 'a.txt line 2 holds NUL bytes: a binary file'),
+    (None, ['--dataset=tinystories', '--name=mine'], "python prepare.py --files='docs/*.txt' --split_by=paragraph --name=mine"),
+    ({'a.jsonl': '{"text": "fine"}\n\n{"text": "cut\n'}, ['--files={d}/a.jsonl'], 'a.jsonl line 3: not valid JSON'),
+    ({'a.json': '[{"text": "x"},\n {"text": }]'}, ['--files={d}/a.json'], 'a.json line 2: not valid JSON'),
+    ({'a.txt': b'caf\xe9 au lait\n'}, ['--files={d}/a.txt'], 'a.txt is not UTF-8 text (byte 0xe9 in line 1)'),
+    ({'a.txt': b'ok\n\x7fELF\x00\x01\x02'}, ['--files={d}/a.txt'], 'a.txt line 2 holds NUL bytes: a binary file'),
 ])
 def test_errors_are_one_line_with_exit_code_2(tmp_path, make, argv, message):
     for name, text in (make or {}).items():
         (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
     out = tmp_path / 'out'
-    p = run('prepare.py', *[a.replace('{d}', str(tmp_path)) for a in argv], '--out_dir', str(out), check=False,
+    p = run('prepare.py', *[a.replace('{d}', str(tmp_path)) for a in argv], f'--out_dir={out}', check=False,
             env={'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'})
     assert p.returncode == 2 and message in p.stderr, p.stderr
     lines = [l for l in re.split('[\r\n]', p.stderr) if l.strip() and 'tok/s' not in l]  # less the progress bar
@@ -183,7 +183,7 @@ def test_records_without_text_are_skipped_and_counted(tmp_path):
     (tmp_path / 'a.jsonl').write_text('\n'.join(json.dumps(r) for r in rows) + '\n')
     pq.write_table(pa.table({'text': ['a third document', None]}), tmp_path / 'b.parquet')
     out = tmp_path / 'out'
-    p = run('prepare.py', '--files', str(tmp_path / 'a.jsonl'), str(tmp_path / 'b.parquet'), '--out_dir', str(out),
+    p = run('prepare.py', f'--files={tmp_path / "a.jsonl"}', f'--files={tmp_path / "b.parquet"}', f'--out_dir={out}',
             '--val_fraction=0.5', '--train_tokens=all', '--val_tokens=all')
     assert f"skipped 3 records whose text is null or not a string (the first: {tmp_path / 'a.jsonl'} line 2 (NoneType))" in p.stdout
     meta = json.loads((out / 'meta.json').read_text())

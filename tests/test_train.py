@@ -76,7 +76,7 @@ def test_accumulation_must_divide_among_processes(data_dir, tmp_path):
     (['config/no_such_config.py'], 'config file config/no_such_config.py not found'),
     (['--max_iters'], 'write overrides as --key=value'),
     (['--attn=linear'], "attn must be 'mssa' or 'mha'"),
-    (['--dataset=missing'], "missing/train.bin not found: make it with `python prepare.py --files 'docs/*.txt' "
+    (['--dataset=missing'], "missing/train.bin not found: make it with `python prepare.py --files='docs/*.txt' "
                             "--name=missing --out_dir="),
     (['--dataset=tinystories'], 'tinystories/train.bin not found: make it with `python prepare.py --dataset=tinystories'),
     (['--init_from=resume'], "init_from='resume' but"),
