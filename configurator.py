@@ -12,8 +12,11 @@ inside those functions only, so that prepare.py, which needs no torch, starts at
 """
 
 import ast
+import atexit
 import json
 import os
+import shutil
+import socket
 import sys
 import traceback
 from contextlib import nullcontext
@@ -167,3 +170,71 @@ def start_run_folder(out_dir, held, resume_iter=None):
         os.replace(log_path + '.tmp', log_path)
         dropped = f"; dropped {len(lines) - len(kept)} log line(s) after it" if len(kept) < len(lines) else ""
         print(f"resuming from iteration {resume_iter} of {ckpt_path}{dropped}")
+
+
+def claim_folder(folder, need_bytes=0):
+    """One run per output folder: make it, check that it can be written and has room for need_bytes, and take its
+    lock (folder/.lock, holding host and PID, removed at exit). A lock whose process is gone (a killed run) is taken
+    over, saying so; a live one, or one from another host, is a one-line refusal. Before anything else is written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot make the output folder {folder}: {e.strerror}; choose another one")
+    lock, me = os.path.join(folder, '.lock'), f"{socket.gethostname()} {os.getpid()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = open(lock).read().split()
+            host, pid = (holder + ['?', '0'])[:2]
+            if attempt or host != socket.gethostname() or not pid.isdigit() or alive(int(pid)):
+                fail(f"{folder} is in use by another run (process {pid} on {host}, its lock {lock}); wait for it, "
+                     f"choose another folder, or delete the lock if that process is gone")
+            print(f"taking over {lock}: its process {pid} is gone (a killed run)")
+            os.remove(lock)
+        except OSError as e:
+            fail(f"cannot write to the output folder {folder}: {e.strerror}; choose a writable one")
+    os.write(fd, me.encode())
+    os.close(fd)
+    atexit.register(release_folder, folder)
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        fail(f"{folder} has {free:,} bytes free and a checkpoint needs about {need_bytes:,}; free some space or choose "
+             f"another folder")
+
+
+def release_folder(folder):
+    """Remove the folder's lock if this process holds it (at exit; by hand before os._exit)."""
+    lock = os.path.join(folder, '.lock')
+    if os.path.exists(lock) and open(lock).read() == f"{socket.gethostname()} {os.getpid()}":
+        os.remove(lock)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def write_safely(path, write):
+    """write(tmp) then rename tmp to path, so that a kill never leaves a broken file. Returns None, or the one-line
+    reason it failed (a full disk, say); the temporary file is then removed and the previous file is intact."""
+    tmp = path + '.tmp'
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:      # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(path) or '.').free
+        if isinstance(e, OSError) and e.strerror:
+            reason = e.strerror
+        else:       # torch.save's own words for a full disk are "unexpected pos ..."
+            reason = 'No space left on device' if free < 2**20 else str(e).splitlines()[0][:120]
+        return f"cannot write {path} ({reason}; {free:,} bytes free); the previous one is intact"
+    return None

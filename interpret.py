@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configurator import configure, fail, mixed_precision, pick_device, script_defaults
+from configurator import claim_folder, configure, fail, mixed_precision, pick_device, script_defaults, write_safely
 from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expected_from_logprobs, expected_value,
                  ten_after_one)
 from model import load_model, model_name
@@ -400,9 +400,12 @@ def record_arrays(cols, recs, stream):
 
 
 def save_records(folder, l, arrays):
-    tmp = os.path.join(folder, f'records_L{l}.tmp.npz')
-    np.savez(tmp, **arrays)
-    os.replace(tmp, os.path.join(folder, f'records_L{l}.npz'))
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+    error = write_safely(os.path.join(folder, f'records_L{l}.npz'), write)
+    if error:
+        raise InterpretError(f"{error}; free some space and run the same command again")
 
 
 # --- 2. explain and simulate: a neuron's excerpts, the token-lookup baseline, and the LLM roles --------------------
@@ -815,13 +818,12 @@ def main():
                                                   n_anthropic, seed, dev)
     cfg, T, protocols = model.config, stream.shape[1], list(sizes)
     folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
-    os.makedirs(folder, exist_ok=True)
+    claim_folder(folder)                      # one run per folder, and one that can be written
 
-    # 1. record, or reuse the records of an earlier run with the same settings (both protocols' sizes are in them,
-    # asked for or not, as they always were, so that earlier runs' records stay reusable)
+    # 1. record, or reuse the records of an earlier run with the same settings
     settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
-                'excerpt_edges': excerpt_edges,
-                'n_openai': min(n_openai, len(stream)), 'n_anthropic': min(n_anthropic, len(stream)),
+                'excerpt_edges': excerpt_edges, 'n_openai': min(n_openai, len(stream)),
+                'n_anthropic': min(n_anthropic, len(stream)),
                 'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
     meta_path = os.path.join(folder, 'records.json')
     have = json.load(open(meta_path)) if os.path.exists(meta_path) else None
@@ -846,9 +848,12 @@ def main():
                         'neurons': len(cols[l]), 'top_token_concentration': round(float(conc), 3),
                         'tokens': c['tokens']}
             save_records(folder, l, recs[l])
-        with open(meta_path + '.tmp', 'w') as f:
-            json.dump({'settings': settings, 'stats': stats}, f)
-        os.replace(meta_path + '.tmp', meta_path)
+        def write(tmp):
+            with open(tmp, 'w') as f:
+                json.dump({'settings': settings, 'stats': stats}, f)
+        error = write_safely(meta_path, write)
+        if error:
+            raise InterpretError(f"{error}; free some space and run the same command again")
 
     # 2. explain, simulate, score: the LLM, or the token lookup in its place; neurons a killed run finished are kept
     run = [settings, simulator, explainer_model, simulator_model, base_url, simulator_base_url, explainer_temperature,
@@ -924,6 +929,9 @@ if __name__ == '__main__':
             main()
     except (InterpretError, LLMError, ValueError) as e:     # ValueError: compare()'s missing or unreadable folders
         fail(str(e))
+    except OSError as e:                          # a write that failed (a full disk): what was finished is kept
+        fail(f"cannot write {e.filename} ({e.strerror}); finished neurons are kept: free some space and run the same "
+             f"command again")
     except KeyboardInterrupt:
         print("\ninterrupted: finished neurons are kept; run the same command again to go on", file=sys.stderr)
         sys.exit(130)

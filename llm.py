@@ -200,7 +200,7 @@ class LLM:
         key = api_key or os.environ.get('OPENAI_API_KEY', '') or 'none'
         if not url:
             raise LLMError("--simulator=chat or all-at-once needs a server: pass --base_url (or set OPENAI_BASE_URL), "
-                                 "or use --simulator=tokens for the offline baseline")
+                             "or use --simulator=tokens for the offline baseline")
         self.urls = {'explainer': url, 'simulator': simulator_base_url or url}
         self.models = {'explainer': explainer_model, 'simulator': simulator_model or explainer_model}
         for role, name in self.models.items():
@@ -276,8 +276,12 @@ class LLM:
         self.completion_tokens += usage.get('completion_tokens') or 0
         value = check(response)
         self.cache[key] = response
-        self.cache_file.write(json.dumps({'key': key, 'response': response}) + '\n')
-        self.cache_file.flush()
+        try:
+            self.cache_file.write(json.dumps({'key': key, 'response': response}) + '\n')
+            self.cache_file.flush()
+        except OSError as e:          # a full disk: stop, keeping what is finished
+            raise LLMError(f"cannot write {self.cache_path} ({e.strerror}); finished neurons are kept: free some "
+                           f"space and run the same command again")
         return value
 
     async def ask(self, role, messages, check, schema=None, **request):

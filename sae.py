@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure, fail, held_run, mixed_precision, pick_device, script_defaults, start_run_folder
+from configurator import (claim_folder, configure, fail, held_run, mixed_precision, pick_device, script_defaults,
+                          start_run_folder, write_safely)
 from model import load_model, model_name, read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
@@ -340,12 +341,16 @@ def main():
             fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0]}")
         it, fill, used, fired_since, rng_state = s['iter'], s['fill'], s['used'], s['fired_since'], s['rng']
         fired = s['fired'].to(dev)
+    claim_folder(out_dir, int(1.1 * 12 * sum(p.numel() for p in model.sae.parameters())))   # weights, Adam's moments
     start_run_folder(out_dir, held, it if init_from == 'resume' else None)
     acts, next_state = fill_buffer(model, rng_state, fill, dev, autocast)
 
     def log(record):
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            with open(log_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        except OSError as e:
+            fail(f"cannot write {log_path} ({e.strerror}); the last checkpoint is intact")
 
     c = model.config
     print(f"SAE on layer {c.base_layer} of {base} ({c.base_name}): {c.n_in} neurons -> {c.n_features} features, "
@@ -362,8 +367,9 @@ def main():
                          'sae': {'base': os.path.abspath(base), 'layer': layer, 'n_features': c.n_features, 'l1': l1,
                                  'iter': it, 'fill': fill, 'used': used, 'rng': rng_state, 'fired': fired.cpu(),
                                  'fired_since': fired_since}}
-                torch.save(state, ckpt_path + '.tmp')
-                os.replace(ckpt_path + '.tmp', ckpt_path)       # a kill mid-write never leaves a broken ckpt.pt
+                error = write_safely(ckpt_path, lambda tmp: torch.save(state, tmp))   # a kill leaves no broken file
+                if error:
+                    fail(f"{error}; free some space and resume with --init_from=resume")
             t0 = time.time()
         if it >= max_iters:
             break

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import (configure, fail, held_run, mixed_precision, peak_flops, pick_device, script_defaults,
-                          start_run_folder)
+from configurator import (claim_folder, configure, fail, held_run, mixed_precision, peak_flops, pick_device,
+                          release_folder, script_defaults, start_run_folder, write_safely)
 from model import ModelConfig, Transformer, check_state_dict, read_checkpoint
 from prepare import HUB
 
@@ -112,7 +112,8 @@ if gradient_accumulation_steps % world_size:
 local_accum = gradient_accumulation_steps // world_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    native_bf16 = device_type == 'cuda' and torch.cuda.is_bf16_supported(including_emulation=False)  # not V100, T4
+    dtype = 'bfloat16' if native_bf16 else 'float32'
 if dtype not in ('float32', 'bfloat16', 'float16'):
     fail(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 if compile is None:
@@ -298,13 +299,40 @@ if master:
           + ("" if peak else "; MFU not shown: the device's peak is unknown (set --peak_tflops)"))
 
 log_path = os.path.join(out_dir, 'log.jsonl')
-if master:
-    start_run_folder(out_dir, held, iter_num if init_from == 'resume' else None)
+
+
+def agree(ok):
+    """Every rank goes on only if rank 0 could (it said why in one line): no rank waits for a collective that will
+    never come."""
+    if ddp:
+        flag = torch.tensor([float(ok)], device=device)
+        dist.broadcast(flag, 0)
+        ok = flag.item() == 1
+    if not ok:
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(2)
+
+
+ok = True
+if master:      # one run per out_dir, writable, with room for a checkpoint (weights and Adam's two moments, fp32)
+    try:
+        claim_folder(out_dir, int(1.1 * 12 * sum(p.numel() for p in model.parameters())))
+        start_run_folder(out_dir, held, iter_num if init_from == 'resume' else None)
+    except SystemExit:
+        ok = False
+agree(ok)
 
 
 def log(record):
-    with open(log_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    """Append to log.jsonl; False (said in one line) when it cannot be written."""
+    try:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        return True
+    except OSError as e:
+        print(f"error: cannot write {log_path} ({e.strerror}); the last checkpoint is intact", file=sys.stderr)
+        return False
 
 
 def gather_state():
@@ -319,16 +347,19 @@ def gather_state():
 
 def save_checkpoint(gathered):
     """Plain types and tensors only (loadable with weights_only=True); written to a temporary file and renamed, so a
-    kill mid-write never leaves a broken ckpt.pt."""
+    kill mid-write never leaves a broken ckpt.pt. False (said in one line) when it could not be written."""
     states = gathered
     np_state = np.random.get_state()
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
              'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
              'rng': {'sampler': sampler.bit_generator.state, 'torch': [t for t, _ in states],
                      'cuda': [c for _, c in states], 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}}
-    tmp = ckpt_path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt_path)
+    error = write_safely(ckpt_path, lambda tmp: torch.save(state, tmp))
+    if error:
+        print(f"error: {error}; free some space and resume with --init_from=resume", file=sys.stderr)
+    else:
+        print(f"saved {ckpt_path}")
+    return not error
 
 
 def stop_on_nonfinite(what, value):
@@ -365,6 +396,7 @@ while True:
         save = iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint)
         best_val_loss = min(best_val_loss, losses['val'])
         gathered = gather_state() if save else None   # every rank's, so that each resumes with its own
+        ok = True
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
                   f"(eval {eval_seconds:.1f} s)")
@@ -372,11 +404,10 @@ while True:
                 sp = losses['sparsity']
                 print(f"  neurons per layer: zero fraction {', '.join(str(v['zero_fraction']) for v in sp)}; "
                       f"L0 {', '.join(str(v['l0']) for v in sp)}; dead {', '.join(str(v['dead']) for v in sp)}")
-            log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
-                 **{k: v for k, v in losses.items() if k not in ('train', 'val')}})
-            if save:
-                save_checkpoint(gathered)
-                print(f"saved {ckpt_path}")
+            ok = log({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'],
+                      **{k: v for k, v in losses.items() if k not in ('train', 'val')}})
+            ok = ok and (not save or save_checkpoint(gathered))
+        agree(ok)                         # a failed write stops every rank
         t0, timed_iters = time.time(), 0  # leave evaluation out of the step timing
     if iter_num >= max_iters:
         break
@@ -405,6 +436,7 @@ while True:
         stop_on_nonfinite('training loss', lossf)
         t1 = time.time()
         dt, t0, timed_iters = (t1 - t0) / timed_iters, t1, 0
+        ok = True
         if master:
             mfu = f", mfu {flops_per_iter / dt / peak * 100:.1f}%" if peak else ""
             # evaluations still to run, the one at this very iteration included (it runs after this line)
@@ -413,8 +445,9 @@ while True:
             left = f"{eta / 3600:.1f} h" if eta >= 3600 else f"{eta / 60:.1f} min"
             print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
                   f"{tokens_per_iter / dt:,.0f} tok/s{mfu}, {left} to go")
-            log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'ms_per_iter': dt * 1000,
-                 'tokens_per_s': tokens_per_iter / dt})
+            ok = log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'ms_per_iter': dt * 1000,
+                      'tokens_per_s': tokens_per_iter / dt})
+        agree(ok)
 
 if ddp:
     dist.barrier()                  # rank 0 may still be writing the last checkpoint: tear down together
@@ -422,4 +455,6 @@ if ddp:
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
+    if master:
+        release_folder(out_dir)     # os._exit runs no atexit handlers
     os._exit(0)                     # gloo threads freeing tensors during interpreter shutdown can abort (SIGABRT)
