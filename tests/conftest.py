@@ -43,6 +43,14 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope='session')
+def val_dir(tmp_path_factory):
+    """A val.bin of 100 sequences of 32 random tokens below 64 (the planted model's vocabulary)."""
+    d = tmp_path_factory.mktemp('val')
+    np.random.default_rng(0).integers(0, 64, 100 * 32).astype(np.uint16).tofile(d / 'val.bin')
+    return d
+
+
 def run(script, *args, check=True, env=None, cmd=None, timeout=600):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     p = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *args], cwd=ROOT,

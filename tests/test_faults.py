@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, planted_model, read_log, run, save
@@ -94,6 +93,7 @@ def test_no_room_for_a_checkpoint_is_refused_before_any_work(data_dir, tmp_path)
 def test_read_only_and_file_folders_are_one_line(data_dir, tmp_path, val_dir):
     with tmpfs(tmp_path / 'ro', 64, readonly=True) as ro:
         one_line(train(data_dir, ro / 'run'), f'cannot make the output folder {ro / "run"}', 'Read-only file system')
+        one_line(train(data_dir, ro), f'cannot write to the output folder {ro}', 'Read-only file system')   # exists
         save(planted_model(), tmp_path / 'm', 1.0)
         p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', '--simulator=tokens', '--n_openai=40',
                 '--n_anthropic=40', '--device=cpu', f'--out={ro / "interp"}', check=False)
@@ -130,10 +130,3 @@ def test_one_run_per_folder(data_dir, tmp_path):
     p = train(data_dir, out, '--max_iters=4', '--overwrite=True')
     assert p.returncode == 0 and f'taking over {out / ".lock"}: its process {first.pid} is gone' in p.stdout
     assert [r['iter'] for r in read_log(out) if 'val_loss' in r] == [0, 4] and not (out / '.lock').exists()
-
-
-@pytest.fixture(scope='module')
-def val_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp('val')
-    np.random.default_rng(0).integers(0, 64, 100 * 32).astype(np.uint16).tofile(d / 'val.bin')
-    return d

@@ -15,13 +15,6 @@ from model import ModelConfig, Transformer
 from sae import SparseAutoencoder
 
 
-@pytest.fixture(scope='module')
-def val_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp('val')
-    np.random.default_rng(0).integers(0, 64, 100 * 32).astype(np.uint16).tofile(d / 'val.bin')
-    return d
-
-
 ARGS = ['--simulator=tokens', '--n_openai=64', '--n_anthropic=40', '--device=cpu', '--batch_size=16']
 
 
