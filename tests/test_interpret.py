@@ -315,6 +315,14 @@ def test_errors(val_dir, tmp_path):
                          ('--device=cuda:99' if torch.cuda.is_available() else '--device=cuda', 'GPU')):
         p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', arg, check=False)
         assert p.returncode == 2 and message in p.stderr and p.stderr.count('\n') == 1, p.stderr
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', '--n_openai=64', '--n_anthropic=20',
+            check=False)
+    assert p.returncode == 2 and 'and 20 sequences of 32 hold 640: raise --n_anthropic to 30' in p.stderr
+    # too little data for the Anthropic protocol: raising --n_anthropic cannot help, so the message says what can
+    (tmp_path / 'short').mkdir()
+    np.fromfile(val_dir / 'val.bin', dtype=np.uint16)[:20 * 32].tofile(tmp_path / 'short' / 'val.bin')
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={tmp_path / "short"}', check=False)
+    assert p.returncode == 2 and 'val.bin holds no more: prepare more validation text, or use --protocol=openai' in p.stderr
     assert not (tmp_path / 'm' / 'interp').exists()
 
 
