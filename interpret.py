@@ -164,8 +164,9 @@ def setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai, n_anthropic,
     sizes = {p: min(n, len(stream)) for p, n in wanted.items()}
     short = [f"--n_{p}={n}" for p, n in wanted.items() if sizes[p] < n]
     if short:
-        print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} use(s) "
-              f"{len(stream)}; the summary records the number used", file=sys.stderr)
+        print(f"note: {data}/val.bin holds {len(stream)} sequences of {T} tokens, so {' and '.join(short)} "
+              f"{'use' if len(short) > 1 else 'uses'} {len(stream)}; the summary records the number used",
+              file=sys.stderr)
     if 'anthropic' in sizes and sizes['anthropic'] * T < RAND + POOL:
         fix = (f"raise --n_anthropic to {math.ceil((RAND + POOL) / T)}" if n_anthropic < len(stream) else
                f"{data}/val.bin holds no more: prepare more validation text, or use --protocol=openai")

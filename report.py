@@ -89,12 +89,15 @@ def markdown(summary):
             lines.append(f"| {l} | {method} | {fmt(v['mean'], v.get('ci'))} | {fmt(v['std'])} | {v['scored']} | "
                          f"{v['undefined']} | "
                          f"{v['dead']} | {v['failed']} | {v['hard']} | {v['no_digit_slots']} |")
-    lines += ['', '| method | mean over layers [95% interval] | variance | mean excl. last | variance excl. last |',
-              '| --- | --- | --- | --- | --- |']
+    deep = summary['model']['n_layer'] >= 6        # the paper leaves the last layer out at 6 and 12 layers
+    lines += ['', '| method | mean over layers [95% interval] | variance of the layer means |'
+              + (' mean without the last layer | its variance |' if deep else ''),
+              '| --- | --- | --- |' + (' --- | --- |' if deep else '')]
     for method, s in summary['methods'].items():
         m = s['model']
-        lines.append(f"| {method} | {fmt(m['mean'], m.get('ci'))} | {fmt(m['var'])} | "
-                     f"{fmt(m['mean_excl_last'], m.get('ci_excl_last'))} | {fmt(m['var_excl_last'])} |")
+        lines.append(f"| {method} | {fmt(m['mean'], m.get('ci'))} | {fmt(m['var'])} |"
+                     + (f" {fmt(m['mean_excl_last'], m.get('ci_excl_last'))} | {fmt(m['var_excl_last'])} |"
+                        if deep else ''))
     return '\n'.join(lines) + '\n'
 
 

@@ -64,6 +64,7 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 steering = parse_steer(steer, model)
+original, asked = model, steering
 if hasattr(model, 'splice'):      # an SAE: steer its features, the layer's neurons become its reconstruction (lossy)
     steered = overwrite(sum(steering.values(), []))
     model, noop, steering = model.base, model.splice(), model.splice(steered) if steering else None
@@ -104,7 +105,16 @@ if show_next:
     p, q = probs['unsteered'], probs['no-op']
     kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum().item()
     print(f"next token after {start[-60:]!r}")
-    print(f"fidelity: KL(unsteered || intervention with nothing steered) = {kl:.6g} nats")
+    print(f"fidelity: the intervention alone, with nothing steered, moves the next token's distribution by "
+          f"KL(unsteered || intervention with nothing steered) = {kl:.6g} nats (0: it changes nothing)")
+    if asked:      # the scale a steered value is on: the neuron's own values on this prompt
+        with torch.no_grad(), autocast:
+            neurons = original(x, return_neurons=True)[2]
+        for layer, pairs in asked.items():
+            a = neurons[0 if original is not model else layer][0].float()
+            for j, v in pairs:
+                print(f"layer {layer} neuron {j} on this prompt: {a[:, j].min().item():.3g} to "
+                      f"{a[:, j].max().item():.3g}, steered to {v:g}")
     columns = ['unsteered'] + (['steered'] if steering else [])
     print('rank  ' + ''.join(f"{c:<32}" for c in columns))
     show_next = min(show_next, len(p))

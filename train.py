@@ -382,6 +382,7 @@ if master and decay_lr and max_iters < lr_decay_iters:
           f"this run",
           file=sys.stderr)
 start_iter, t0, timed_iters = iter_num, time.time(), 0
+run_start, last_eval = t0, None
 eval_seconds = 0.0                   # the last evaluation's time, for the ETA
 while True:
     lr = get_lr(iter_num)
@@ -391,7 +392,7 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not resumed_here:
         t_eval = time.time()
         losses = estimate_loss()
-        eval_seconds = time.time() - t_eval
+        eval_seconds, last_eval = time.time() - t_eval, losses
         stop_on_nonfinite('validation loss', losses['val'])
         save = iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint)
         best_val_loss = min(best_val_loss, losses['val'])
@@ -448,6 +449,16 @@ while True:
             ok = log({'iter': iter_num, 'loss': lossf, 'lr': lr, 'ms_per_iter': dt * 1000,
                       'tokens_per_s': tokens_per_iter / dt})
         agree(ok)
+
+if master:      # what the run did, and what to do with it
+    done = iter_num - start_iter
+    print(f"done in {(time.time() - run_start) / 60:.1f} min: {done:,} iterations, {done * tokens_per_iter:,} tokens"
+          + (f"; val loss {last_eval['val']:.4f}, best {best_val_loss:.4f}" if last_eval else ""))
+    if last_eval and 'sparsity' in last_eval:
+        print("  the neurons' zero fraction per layer: "
+              + ', '.join(f"{v['zero_fraction']:.2f}" for v in last_eval['sparsity']))
+    print(f"next: python sample.py --ckpt={out_dir} --start='Once upon a time'\n"
+          f"      python interpret.py --ckpt={out_dir} --data={data_path} --simulator=tokens --neurons=random:64")
 
 if ddp:
     dist.barrier()                  # rank 0 may still be writing the last checkpoint: tear down together

@@ -330,7 +330,7 @@ def test_neuron_forms_and_a_stream_shorter_than_asked(val_dir, tmp_path):
     save(planted_model(), tmp_path / 'm', 1.0)
     p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', f'--neurons={PLANT}', *ARGS,
             '--n_openai=600', '--protocol=openai')
-    assert f'note: {val_dir}/val.bin holds 100 sequences of 32 tokens, so --n_openai=600 use(s) 100' in p.stderr
+    assert f'note: {val_dir}/val.bin holds 100 sequences of 32 tokens, so --n_openai=600 uses 100' in p.stderr
     folder = tmp_path / 'm' / 'interp'
     assert set(neurons_of(folder)) == {PLANT}                  # '--neurons=5' is neuron 5, not 5 random ones
     assert json.loads((folder / 'summary.json').read_text())['settings']['n_openai'] == 100

@@ -44,6 +44,16 @@ def test_steering_changes_the_next_token_distribution(ckpt):
     assert unsteered != steered
     assert all(a[1] >= b[1] for a, b in zip(unsteered, unsteered[1:]))  # sorted by probability
     assert 0 < sum(p for _, p in unsteered) <= 1
+    # the scale a value is on: each steered neuron's own range on the prompt, computed here from the model
+    from model import load_model
+    import torch
+    from prepare import gpt2_tokenizer
+    x = torch.tensor([gpt2_tokenizer().encode('1 2 3 4 5')])
+    _, _, neurons = load_model(ckpt)(x, return_neurons=True)
+    for layer, j in ((0, 3), (1, 60)):
+        a = neurons[layer][0, :, j]
+        assert (f"layer {layer} neuron {j} on this prompt: {a.min().item():.3g} to {a.max().item():.3g}, steered to "
+                f"100") in p.stdout, p.stdout
 
 
 def test_steering_changes_the_samples(ckpt):

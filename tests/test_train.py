@@ -24,7 +24,9 @@ def losses(out_dir):
 def test_training_lowers_the_loss(data_dir, tmp_path):
     for model in ([], ['--attn=mha', '--ffn=mlp', '--bias=False']):
         out = tmp_path / ('gpt2' if model else 'crate')
-        train(data_dir, out, '--max_iters=80', '--eval_interval=80', '--batch_size=8', *model)
+        p = train(data_dir, out, '--max_iters=80', '--eval_interval=80', '--batch_size=8', *model)
+        assert re.search(r'done in [\d.]+ min: 80 iterations, 20,480 tokens; val loss [\d.]+, best [\d.]+', p.stdout)
+        assert f'next: python sample.py --ckpt={out}' in p.stdout and f'python interpret.py --ckpt={out}' in p.stdout
         evals = [r for r in read_log(out) if 'val_loss' in r]
         assert evals[0]['iter'] == 0 and evals[-1]['iter'] == 80
         assert evals[0]['val_loss'] > 6.5                        # about ln(1024) at init
