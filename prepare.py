@@ -184,7 +184,7 @@ def hub_documents(name, split):
         first = next(it)
     except (ConnectionError, OSError) as e:
         raise Offline(f"cannot reach the Hugging Face hub for {path} ({type(e).__name__}); without the network "
-                      f"prepare local text instead: python prepare.py --files='docs/*.txt' --split_by=paragraph")
+                      f"prepare your own text instead: python prepare.py --files='docs/*.txt' --split_by=paragraph")
     return itertools.chain([first], it)
 
 
@@ -310,8 +310,9 @@ def prepare(args, hub_docs=hub_documents):
             os.remove(meta_path)
         for s in ('train', 'val'):
             os.replace(tmp[s], os.path.join(out_dir, f'{s}.bin'))
-    except Offline as e:
-        raise PrepareError(f"{e} --name={name}" + (f" --out_dir={args.out_dir}" if args.out_dir else ""))
+    except Offline as e:        # local text under its own name, not the dataset's
+        where = f" --out_dir={args.out_dir}" if args.out_dir else ""
+        raise PrepareError(f"{e} --name={args.name or 'mytext'}{where}")
     finally:
         for f in tmp.values():
             if os.path.exists(f):
@@ -331,6 +332,11 @@ def prepare(args, hub_docs=hub_documents):
           f"{nbytes / 1e6 / seconds / args.num_proc:.2f} MB/s per core")
     if skipped['n']:
         print(f"skipped {skipped['n']:,} records whose text is null or not a string (the first: {skipped['first']})")
+    for s, n in budgets.items():          # a split the source could not fill: say so, and why
+        if n is not None and counts[s]['tokens'] < n:
+            why = (f"--val_fraction={args.val_fraction} holds out that share of the documents; raise it for more"
+                   if s == 'val' and (args.files or not HUB[args.dataset][3]) else "the source holds no more")
+            print(f"note: {s}.bin has {counts[s]['tokens']:,} tokens, short of its budget of {n:,}: {why}")
     return meta
 
 

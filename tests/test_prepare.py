@@ -71,6 +71,15 @@ def test_local_files_round_trip_and_split(sources, tmp_path):
     assert sorted(os.listdir(out)) == ['meta.json', 'train.bin', 'val.bin']
 
 
+def test_a_split_short_of_its_budget_says_why(sources, tmp_path, capsys):
+    d, _ = sources
+    meta = prep(f'--files={d / "*.txt"}', f'--out_dir={tmp_path / "o"}', '--val_fraction=0.3', '--val_tokens=100000')
+    val = meta['splits']['val']['tokens']
+    assert 0 < val < 100000
+    assert (f"note: val.bin has {val:,} tokens, short of its budget of 100,000: --val_fraction=0.3 holds out that "
+            f"share of the documents; raise it for more") in capsys.readouterr().out
+
+
 def test_split_is_stable_when_files_are_added(sources, tmp_path):
     d, docs = sources
     prep(f'--files={d / "0[0-1]*.txt"}', f'--out_dir={tmp_path / "a"}', '--val_fraction=0.3')
@@ -160,6 +169,7 @@ def test_rerun_does_nothing_unless_forced(sources, tmp_path, capsys):
     ({'a.txt': 'x'}, ['--files={d}/a.txt', '--train_tokens=1e15'], 'GB free but the budget needs about'),
     ({'a.csv': 'x'}, ['--files={d}/a.csv'], 'unsupported file type'),
     (None, ['--dataset=tinystories'], "cannot reach the Hugging Face hub for roneneldan/TinyStories"),
+    (None, ['--dataset=tinystories'], "python prepare.py --files='docs/*.txt' --split_by=paragraph --name=mytext"),
     (None, ['--dataset=tinystories', '--name=mine'], "python prepare.py --files='docs/*.txt' --split_by=paragraph --name=mine"),
     ({'a.jsonl': '{"text": "fine"}\n\n{"text": "cut\n'}, ['--files={d}/a.jsonl'], 'a.jsonl line 3: not valid JSON'),
     ({'a.json': '[{"text": "x"},\n {"text": }]'}, ['--files={d}/a.json'], 'a.json line 2: not valid JSON'),
