@@ -10,6 +10,7 @@ What interpret.py writes after scoring, and the table that compares runs:
 
 import html
 import json
+import math
 import os
 import zlib
 
@@ -127,46 +128,62 @@ def histogram_svg(scores, width=300, height=60, bins=20):
 COLORS = ['#d62', '#26d', '#2a4', '#a2a', '#999', '#d92', '#2aa', '#666']
 
 
-def lines_svg(series, title, width=480, height=160):
-    """A line chart of {name: [(x, y)]}: axes from the data's ranges, labelled at their ends."""
+def ticks(lo, hi, n=5):
+    """About n round values from lo to hi, for an axis."""
+    step = 10 ** math.floor(math.log10((hi - lo) / n or 1))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= n)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def lines_svg(series, title, y_range, width=760, height=240):
+    """A line chart of {name: [(x, y)]} with ticks on both axes and a legend below; y_range is fixed by the caller,
+    so that two runs' pages show the same scale."""
     points = [p for s in series.values() for p in s]
     if not points:
         return ''
-    (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*points)]
-    sx = lambda x: 40 + (x - x0) / ((x1 - x0) or 1) * (width - 50)
-    sy = lambda y: 10 + (y1 - y) / ((y1 - y0) or 1) * (height - 30)
-    paths = ''.join(f'<polyline fill="none" stroke="{COLORS[i % len(COLORS)]}" points="'
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    (y0, y1), left, top, w, h = y_range, 50, 10, width - 60, height - 40
+    sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * w
+    sy = lambda y: top + (y1 - y) / ((y1 - y0) or 1) * h
+    axes = ''.join(f'<line x1="{left}" x2="{left + w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 4}" y="{sy(y) + 3:.1f}" font-size="11" text-anchor="end">{y:g}</text>'
+                   for y in ticks(y0, y1))
+    axes += ''.join(f'<text x="{sx(x):.1f}" y="{top + h + 14}" font-size="11" text-anchor="middle">{x:g}</text>'
+                    for x in ticks(x0, x1))
+    paths = ''.join(f'<polyline fill="none" stroke-width="1.5" stroke="{COLORS[i % len(COLORS)]}" points="'
                     + ' '.join(f'{sx(x):.1f},{sy(y):.1f}' for x, y in pts)
                     + f'"><title>{html.escape(name)}</title></polyline>'
-                    f'<text x="{width - 8}" y="{sy(pts[-1][1]):.1f}" font-size="10" text-anchor="end" '
-                    f'fill="{COLORS[i % len(COLORS)]}">{html.escape(name)}</text>'
                     for i, (name, pts) in enumerate(series.items()) if pts)
+    legend = ' '.join(f'<span style="color:{COLORS[i % len(COLORS)]}">&#9644; {html.escape(name)}</span>'
+                      for i, name in enumerate(series))
     return (f'<figure><figcaption>{html.escape(title)}</figcaption><svg width="{width}" height="{height}">'
-            f'<rect x="40" y="10" width="{width - 50}" height="{height - 30}" fill="none" stroke="#ccc"/>{paths}'
-            f'<text x="36" y="14" font-size="10" text-anchor="end">{y1:.3g}</text>'
-            f'<text x="36" y="{height - 20}" font-size="10" text-anchor="end">{y0:.3g}</text>'
-            f'<text x="40" y="{height - 6}" font-size="10">iter {x0:g}</text>'
-            f'<text x="{width - 10}" y="{height - 6}" font-size="10" text-anchor="end">{x1:g}</text></svg></figure>')
+            f'{axes}<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>{paths}'
+            f'<text x="{left + w}" y="{height - 4}" font-size="11" text-anchor="end">iteration</text></svg>'
+            f'<div style="font-size:12px">{legend}</div></figure>')
 
 
 def training_svg(ckpt_path):
-    """Loss and the neurons' zero fraction per layer over the iterations, from the checkpoint's log.jsonl."""
+    """The loss (every logged training step, and each evaluation's validation loss) and each layer's zero fraction
+    over the iterations, from the checkpoint's log.jsonl. The zero fraction is on 0 to 1, the loss from 0."""
     path = os.path.join(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path), 'log.jsonl')
     if not os.path.exists(path):
         return ''
     with open(path) as f:
-        evals = [r for r in map(json.loads, filter(str.strip, f)) if 'val_loss' in r]
-    loss = {k: [(r['iter'], r[k]) for r in evals if k in r] for k in ('train_loss', 'val_loss')}
+        log = [r for r in map(json.loads, filter(str.strip, f))]
+    loss = {'training loss (each logged step)': [(r['iter'], r['loss']) for r in log if 'loss' in r],
+            'validation loss (each evaluation)': [(r['iter'], r['val_loss']) for r in log if 'val_loss' in r]}
     loss = {k: v for k, v in loss.items() if v}
-    layers = len(evals[-1].get('sparsity', [])) if evals else 0
-    zero = {f'layer {l}': [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals if 'sparsity' in r]
-            for l in range(layers)}
-    return ('<h2>Training</h2>' + lines_svg(loss, 'loss over iterations')
-            + (lines_svg(zero, "the neurons' zero fraction (values not > 0) on the validation slice")
+    evals = [r for r in log if 'sparsity' in r]
+    layers = len(evals[-1]['sparsity']) if evals else 0
+    zero = {f'layer {l}': [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals] for l in range(layers)}
+    top = max((y for v in loss.values() for _, y in v), default=1)
+    return ('<h2>Training</h2>' + lines_svg(loss, 'loss over iterations', (0, math.ceil(top)))
+            + (lines_svg(zero, "the neurons' zero fraction (values not > 0) on the validation slice", (0, 1))
                if layers else ''))
 
 
 def write_report(folder, summary, neuron_rows, decode):
+    deep = summary['model']['n_layer'] >= 6
     title = f"{summary['model_name']} — neuron interpretability ({summary['simulator_label']})"
     parts = [f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title><style>'
              'body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}'
@@ -177,12 +194,16 @@ def write_report(folder, summary, neuron_rows, decode):
              f'<p>checkpoint {html.escape(summary["ckpt"])}, validation loss {summary["val_loss"]}, '
              f'{summary["settings"]["n_openai"]} / {summary["settings"]["n_anthropic"]} sequences of '
              f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic). Scores are Pearson r x 100.</p>',
-             '<table><tr><th>method</th><th>mean over layers [95% interval]</th><th>variance</th><th>excl. last '
-             'layer</th></tr>']
+             '<p>In the excerpts below, <span class=a6>orange</span> shading is the neuron\'s true activation and '
+             '<span class=s6>blue</span> the simulator\'s prediction, darker for stronger (0 to 10); &#9166; is a '
+             'newline token. A layer\'s top-activation token concentration is, averaged over its neurons, the share '
+             'of a neuron\'s top 50 excerpts that peak on its most common token (1: always the same token).</p>',
+             '<table><tr><th>method</th><th>mean over layers [95% interval]</th><th>variance of the layer means</th>'
+             + ('<th>without the last layer (as the paper at 6 and 12 layers)</th>' if deep else '') + '</tr>']
     for method, s in summary['methods'].items():
         m = s['model']
         parts.append(f"<tr><td>{method}</td><td>{fmt(m['mean'], m.get('ci'))}</td><td>{fmt(m['var'])}</td>"
-                     f"<td>{fmt(m['mean_excl_last'], m.get('ci_excl_last'))}</td></tr>")
+                     + (f"<td>{fmt(m['mean_excl_last'], m.get('ci_excl_last'))}</td>" if deep else '') + '</tr>')
     parts.append('</table>' + training_svg(summary['ckpt']))
     for l in summary['layer_ids']:
         parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
