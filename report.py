@@ -269,6 +269,13 @@ def sae_layers(folders):
     return s, per_method
 
 
+def run_name(folder):
+    """A run's name for the table: its folder's, or for <run>/interp the run's; SAE folders joined by '+' alike."""
+    parts = [os.path.normpath(f) for f in folder.split('+')]
+    return '+'.join(os.path.basename(os.path.dirname(p)) if os.path.basename(p) == 'interp' else os.path.basename(p)
+                    for p in parts)
+
+
 def compare(folders):
     """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons
     and each layer's zero fraction (the share of its neurons' values that are not > 0, over the recorded tokens),
@@ -289,17 +296,21 @@ def compare(folders):
         return bootstrap(per_layer, [l for l in per_layer if n < 6 or l != n - 1],
                          key=zlib.crc32(os.path.normpath(f).encode()))
 
-    lines = ['| run | model | layers | val loss | simulator | Top-and-Random | Random-only | Anthropic '
-             '| zero fraction |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    labels = {s['simulator_label'] for _, s, _ in runs}
+    one = labels.pop() if len(labels) == 1 else None           # said once above the table, or per row
+    lines = ([f"simulator: {one}", ''] if one else []) + [
+        '| run | model | layers | val loss |' + ('' if one else ' simulator |')
+        + ' Top-and-Random | Random-only | Anthropic | zero fraction |', '|' + ' --- |' * (8 if one else 9)]
     for f, s, _ in runs:
-        zeros = ', '.join(str(s['stats'][str(l)]['zero_fraction']) for l in s['layer_ids'])   # per layer
-        lines.append(f"| {f} | {s['model_name']} | {s['model']['n_layer']} | {fmt(s['val_loss'])} | "
-                     f"{s['simulator_label']} | " + ' | '.join(fmt(*figure(s, c)) for c in cols) + f' | {zeros} |')
+        zeros = ', '.join(f"{s['stats'][str(l)]['zero_fraction']:.2f}" for l in s['layer_ids'])   # per layer
+        loss = '–' if s['val_loss'] is None else f"{s['val_loss']:.3f}"
+        lines.append(f"| {run_name(f)} | {s['model_name']} | {s['model']['n_layer']} | {loss} | "
+                     + ('' if one else f"{s['simulator_label']} | ")
+                     + ' | '.join(fmt(*figure(s, c)) for c in cols) + f' | {zeros} |')
     pairs = [(a, b) for a in runs for b in runs if a[1]['model_name'] == 'CRATE' and b[1]['model_name'] == 'GPT-2'
              and a[1]['model']['n_layer'] == b[1]['model']['n_layer']]
     for (fa, a, sa), (fb, b, sb) in pairs:
-        lines.append(f"\nCRATE {fa} - GPT-2 {fb} (95% intervals, bootstrap over neurons):")
+        lines.append(f"\nCRATE {run_name(fa)} - GPT-2 {run_name(fb)} (95% intervals, bootstrap over neurons):")
         for c in cols:
             x, y = figure(a, c)[0], figure(b, c)[0]
             if x is None or y is None:
