@@ -43,7 +43,7 @@ from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expe
                  ten_after_one)
 from model import load_model, model_name
 from prepare import PrepareError, gpt2_tokenizer
-from report import compare, summarize, write_all
+from report import compare, compare_html, summarize, write_all
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
@@ -922,6 +922,9 @@ if __name__ == '__main__':
             if len(sys.argv) < 3:
                 fail("--compare needs one or more interp folders, e.g. --compare out-crate/interp out-gpt2/interp")
             print(compare(sys.argv[2:]))
+            page = os.path.join(os.path.dirname(os.path.normpath(sys.argv[2].split('+')[0])), 'compare.html')
+            compare_html(sys.argv[2:], page)
+            print(f"wrote {page}: the scores side by side, and the training curves on shared axes")
         else:
             globals().update(configure(OPTIONS, sys.argv[1:]))
             # asyncio.run (3.11+) turns Ctrl-C into a cancellation of its task, which a client library deep in a

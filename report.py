@@ -162,14 +162,21 @@ def lines_svg(series, title, y_range, width=760, height=240):
             f'<div style="font-size:12px">{legend}</div></figure>')
 
 
+def training_log(ckpt_path):
+    """train.py's log.jsonl beside a checkpoint, as a list of records ([] where there is none)."""
+    path = os.path.join(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path), 'log.jsonl')
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, filter(str.strip, f))]
+
+
 def training_svg(ckpt_path):
     """The loss (every logged training step, and each evaluation's validation loss) and each layer's zero fraction
     over the iterations, from the checkpoint's log.jsonl. The zero fraction is on 0 to 1, the loss from 0."""
-    path = os.path.join(ckpt_path if os.path.isdir(ckpt_path) else os.path.dirname(ckpt_path), 'log.jsonl')
-    if not os.path.exists(path):
+    log = training_log(ckpt_path)
+    if not log:
         return ''
-    with open(path) as f:
-        log = [r for r in map(json.loads, filter(str.strip, f))]
     loss = {'training loss (each logged step)': [(r['iter'], r['loss']) for r in log if 'loss' in r],
             'validation loss (each evaluation)': [(r['iter'], r['val_loss']) for r in log if 'val_loss' in r]}
     loss = {k: v for k, v in loss.items() if v}
@@ -341,3 +348,51 @@ def write_all(folder, summary, rows, decode):
         f.write(md)
     write_report(folder, summary, rows, decode)
     return md
+
+
+def compare_html(folders, path):
+    """The comparison as a page: each method's mean and 95% interval per run, side by side on one axis, and the runs'
+    validation loss and zero fraction over training on shared axes."""
+    runs = [(run_name(f), read_run(f)[0] if '+' not in f else sae_layers(f.split('+'))[0]) for f in folders]
+    methods, w, h, left = ['top_and_random', 'random_only', 'anthropic'], 760, 260, 50
+    slot = (w - left) / len(methods)
+    bar = (slot - 20) / len(runs)
+    sy = lambda v: 10 + (100 - v) / 100 * (h - 40)            # scores (r x 100) on 0 to 100
+    shapes = ''.join(f'<line x1="{left}" x2="{w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 4}" y="{sy(y) + 3:.1f}" font-size="11" text-anchor="end">{y}</text>'
+                     for y in range(0, 101, 20))
+    for i, method in enumerate(methods):
+        shapes += (f'<text x="{left + i * slot + slot / 2:.1f}" y="{h - 12}" font-size="12" text-anchor="middle">'
+                   f'{method}</text>')
+        for j, (name, s) in enumerate(runs):
+            m = s['methods'].get(method, {}).get('model', {})
+            if m.get('mean') is None:
+                continue
+            x, color = left + i * slot + 10 + j * bar, COLORS[j % len(COLORS)]
+            lo, hi = m.get('ci') or (m['mean'], m['mean'])
+            shapes += (f'<rect x="{x:.1f}" y="{sy(max(m["mean"], 0)):.1f}" width="{bar - 4:.1f}" '
+                       f'height="{sy(0) - sy(max(m["mean"], 0)):.1f}" fill="{color}" opacity="0.7">'
+                       f'<title>{html.escape(name)}: {fmt(m["mean"], m.get("ci"))}</title></rect>'
+                       f'<line x1="{x + bar / 2 - 2:.1f}" x2="{x + bar / 2 - 2:.1f}" y1="{sy(lo):.1f}" '
+                       f'y2="{sy(hi):.1f}" stroke="#000"/>')
+    legend = ' '.join(f'<span style="color:{COLORS[j % len(COLORS)]}">&#9644; {html.escape(name)} '
+                      f'({html.escape(s["model_name"])}, {s["model"]["n_layer"]} layers)</span>'
+                      for j, (name, s) in enumerate(runs))
+    logs = {name: training_log(s['ckpt']) for name, s in runs}
+    loss = {name: [(r['iter'], r['val_loss']) for r in log if 'val_loss' in r] for name, log in logs.items()}
+    zero = {}
+    for name, log in logs.items():
+        evals = [r for r in log if 'sparsity' in r]
+        for l in range(len(evals[-1]['sparsity']) if evals else 0):
+            zero[f'{name}, layer {l}'] = [(r['iter'], r['sparsity'][l]['zero_fraction']) for r in evals]
+    top = max((y for v in loss.values() for _, y in v), default=1)
+    labels = sorted({s['simulator_label'] for _, s in runs})
+    page = (f'<!doctype html><meta charset="utf-8"><title>comparison</title><body style="font-family:sans-serif;'
+            f'max-width:1100px;margin:auto"><h1>{html.escape(" vs ".join(n for n, _ in runs))}</h1>'
+            f'<p>simulator: {html.escape("; ".join(labels))}. Each bar is a run\'s mean score over layers (Pearson r '
+            f'x 100; at 6 layers and more without the last, as the paper), its line the 95% bootstrap interval over '
+            f'neurons.</p><svg width="{w}" height="{h}">{shapes}</svg><div style="font-size:12px">{legend}</div>'
+            f'<h2>Training</h2>' + lines_svg(loss, 'validation loss over iterations', (0, math.ceil(top)))
+            + lines_svg(zero, "the neurons' zero fraction on the validation slice", (0, 1)) + '</body>')
+    with open(path, 'w') as f:
+        f.write(page)

@@ -234,6 +234,9 @@ def test_compare_two_runs(val_dir, tmp_path):
     assert len(rows) == 2 and '| CRATE | 1 | 4.000 |' in rows[0] and '| GPT-2 | 1 | 3.500 |' in rows[1]
     assert p.stdout.startswith('simulator: token-lookup baseline, not the LLM metric\n')   # said once
     assert max(map(len, rows)) < 130
+    page = (tmp_path / 'crate' / 'compare.html').read_text()            # beside the first run's interp folder
+    assert f"wrote {tmp_path / 'crate' / 'compare.html'}" in p.stdout
+    assert page.count('<rect x=') == 2 * 3 and 'crate (CRATE, 1 layers)' in page and 'gpt2 (GPT-2, 1 layers)' in page
     for row, n in zip(rows, ('crate', 'gpt2')):     # each layer's zero fraction, last
         zero = json.load(open(tmp_path / n / 'interp' / 'summary.json'))['stats']['0']['zero_fraction']
         assert row.endswith(f'| {zero:.2f} |')
@@ -249,7 +252,8 @@ def test_compare_two_runs(val_dir, tmp_path):
     assert lo <= s[0] - s[1] <= hi
     assert len(neurons_of(tmp_path / 'crate' / 'interp')) == 12
     swapped = R.compare([str(tmp_path / 'gpt2' / 'interp') + '/', str(tmp_path / 'crate' / 'interp')])
-    pair = lambda text: text[text.index('\nCRATE '):].split(':', 1)[1]      # the same pair, whatever the order
+    pair = lambda text: text[text.index('\nCRATE '):].split(':', 1)[1].split('\nwrote ')[0]   # the same pair,
+    # whatever the order
     assert pair(swapped) == pair(p.stdout.rstrip('\n'))
 
 
