@@ -189,6 +189,16 @@ def training_svg(ckpt_path):
                if layers else ''))
 
 
+# report.html's neuron lists, re-sorted and filtered in the browser
+SORTING = ('<script>function arrange() {'
+           'const by = document.getElementById("sort").value, show = document.getElementById("show").value;'
+           'for (const box of document.querySelectorAll(".neurons")) {'
+           '  const items = [...box.children].sort((a, b) => by == "best" ? b.dataset.best - a.dataset.best'
+           '                                                          : a.dataset.neuron - b.dataset.neuron);'
+           '  for (const d of items) { box.appendChild(d); d.hidden = show != "all" && d.dataset.kind != show; }'
+           '}}</script>')
+
+
 def write_report(folder, summary, neuron_rows, decode):
     deep = summary['model']['n_layer'] >= 6
     title = f"{summary['model_name']} — neuron interpretability ({summary['simulator_label']})"
@@ -212,6 +222,10 @@ def write_report(folder, summary, neuron_rows, decode):
         parts.append(f"<tr><td>{method}</td><td>{fmt(m['mean'], m.get('ci'))}</td><td>{fmt(m['var'])}</td>"
                      + (f"<td>{fmt(m['mean_excl_last'], m.get('ci_excl_last'))}</td>" if deep else '') + '</tr>')
     parts.append('</table>' + training_svg(summary['ckpt']))
+    parts.append('<p>Neurons in each layer: sort by <select id="sort" onchange="arrange()"><option value="best">best '
+                 'score</option><option value="neuron">number</option></select> show <select id="show" '
+                 'onchange="arrange()"><option>all</option><option>scored</option><option>undefined</option>'
+                 '<option>dead</option></select></p>')
     for l in summary['layer_ids']:
         parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
                      f'<th>undefined</th><th>dead</th><th>failed</th><th>hard</th><th>distribution of r</th></tr>')
@@ -226,6 +240,7 @@ def write_report(folder, summary, neuron_rows, decode):
         parts.append(f"</table><p>fraction of zero activations {st.get('zero_fraction', '–')}, mean L0 per token "
                      f"{st.get('l0', '–')}, dead neurons {st.get('dead', '–')} of {st.get('neurons', '–')}, "
                      f"top-activation token concentration {st.get('top_token_concentration', '–')}</p>")
+        parts.append('<div class="neurons">')
         for r in sorted((r for r in neuron_rows if r['layer'] == l), key=lambda r: -(r['best'] or -2)):
             sc = ', '.join(f"{k} " + ('dead' if v['dead'] else '–' if v['score'] is None else f"{100 * v['score']:.1f}")
                            for k, v in r['scores'].items())
@@ -237,8 +252,13 @@ def write_report(folder, summary, neuron_rows, decode):
                 for toks, a, p in v.get('show', []):
                     body.append(f'<div class="ex"><b>{method}</b> true: {shade(toks, a, v["max_act"], decode, "a")}'
                                 f'<br>simulated: {shade(toks, p, 10, decode, "s")}</div>')
-            parts.append(f'<details><summary>neuron {r["neuron"]}: {sc} — {html.escape(expl)}</summary>'
-                         f'{"".join(body)}</details>')
+            kind = ('dead' if all(v['dead'] for v in r['scores'].values()) else
+                    'scored' if r['best'] is not None else 'undefined')
+            parts.append(f'<details data-best="{r["best"] if r["best"] is not None else -2}" '
+                         f'data-neuron="{r["neuron"]}" data-kind="{kind}"><summary>neuron {r["neuron"]}: {sc} — '
+                         f'{html.escape(expl)}</summary>{"".join(body)}</details>')
+        parts.append('</div>')
+    parts.append(SORTING)
     with open(os.path.join(folder, 'report.html'), 'w', encoding='utf-8') as f:
         f.write(''.join(parts))
 

@@ -219,6 +219,7 @@ def test_report_plots_the_training_log(val_dir, tmp_path):
     zero_line = re.search(r'<polyline[^>]*points="([^"]*)"><title>layer 0</title>', page).group(1)
     ys = [float(p.split(',')[1]) for p in zero_line.split()]
     assert len(ys) == 3 and ys[0] > ys[1] > ys[2]                   # rising zero fraction: lower on the page
+    assert 'id="sort"' in page and f'data-neuron="{PLANT}" data-kind="scored"' in page     # sorting, filtering
     zero_axis = page[page.index("zero fraction"):]
     assert '>0</text>' in zero_axis and '>1</text>' in zero_axis     # 0 to 1 on every page, whatever the data
 
