@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from types import SimpleNamespace
@@ -174,10 +175,31 @@ def local_documents(files, split_by, text_field, skipped):
                     yield field(rec, text_field, f"{f} line {i}", skipped)
 
 
+def in_turn(files, split_by, text_field, skipped, at_once=256):
+    """The documents of all files, one from each in turn (at most at_once files open together), so that a budget
+    that stops early draws on every file, not on the first ones."""
+    for i in range(0, len(files), at_once):
+        each = [local_documents([f], split_by, text_field, skipped) for f in files[i:i + at_once]]
+        while each:
+            for docs in list(each):
+                try:
+                    yield next(docs)
+                except StopIteration:
+                    each.remove(docs)
+
+
 def hub_documents(name, split):
     """Stream one split of a hub dataset's records; nothing is downloaded beyond what is read."""
     import datasets
     path, config, *_ = HUB[name]
+    direct = not any(os.environ.get(k) for k in ('HF_HUB_OFFLINE', 'HTTPS_PROXY', 'https_proxy'))
+    if direct:      # one try, at once: the hub client would retry a dead network five times (about 30 s)
+        try:
+            socket.create_connection(('huggingface.co', 443), timeout=5).close()
+        except OSError as e:
+            raise Offline(f"cannot reach the Hugging Face hub for {path} ({e.strerror or type(e).__name__}); "
+                          f"without the network prepare your own text instead: python prepare.py "
+                          f"--files='docs/*.txt' --split_by=paragraph")
     try:
         ds = datasets.load_dataset(path, config, split=split, streaming=True)
         it = iter(ds)
@@ -285,7 +307,7 @@ def prepare(args, hub_docs=hub_documents):
         for f in tmp.values():
             open(f, 'wb').close()
         if args.files:
-            docs = local_documents(files, args.split_by, args.text_field, skipped)
+            docs = in_turn(files, args.split_by, args.text_field, skipped)
             route = lambda text: 'val' if is_val(text, args.val_fraction) else 'train'
             nbytes = tokenize_into(docs, route, budgets, out_dir, args.num_proc, counts)
         else:

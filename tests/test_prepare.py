@@ -80,6 +80,15 @@ def test_a_split_short_of_its_budget_says_why(sources, tmp_path, capsys):
             f"share of the documents; raise it for more") in capsys.readouterr().out
 
 
+def test_a_budget_draws_on_every_file(tmp_path):
+    """Three files and a train budget a third of their text: every file gives documents, not the first alone."""
+    for name in 'abc':
+        (tmp_path / f'{name}.txt').write_text('\n\n'.join(f'{name} paragraph {i}' for i in range(60)))
+    prep(f'--files={tmp_path / "*.txt"}', '--split_by=paragraph', f'--out_dir={tmp_path / "o"}', '--train_tokens=200',
+         '--val_tokens=all', '--val_fraction=0.1')
+    assert {d[0] for d in docs_of(tmp_path / 'o', 'train')} == {'a', 'b', 'c'}
+
+
 def test_split_is_stable_when_files_are_added(sources, tmp_path):
     d, docs = sources
     prep(f'--files={d / "0[0-1]*.txt"}', f'--out_dir={tmp_path / "a"}', '--val_fraction=0.3')
