@@ -44,7 +44,7 @@ def test_planted_neuron_scores_one_and_dead_neuron_is_reported(val_dir, tmp_path
     layer = summary['methods']['top_and_random']['layers']['0']
     assert layer['dead'] >= 1 and layer['scored'] + layer['dead'] + layer['undefined'] == 256
     report = open(tmp_path / 'm' / 'interp' / 'report.html').read()
-    assert report.count('<details>') == 256 and 'token-lookup baseline' in report
+    assert report.count('<details data-best=') == 256 and 'token-lookup baseline' in report
     assert all(f'neuron {n}:' in report for n in rows)
     # recording again with the same settings reuses the records
     p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', *ARGS)
