@@ -148,14 +148,15 @@ def bench_train(dev, autocast):
 def record_bytes(sizes, T, cols, batch):
     """(what the recording holds while it runs, the records it returns), in bytes, by the arrays record() makes: per
     neuron and protocol the top-k's keys and excerpts, the random (and for Anthropic the pool's) positions and
-    excerpts, the Anthropic pool's sorted values and rank counts, and three batches of activations; then positions,
-    window positions and excerpt activations per record item. Neither depends on the number of sequences."""
+    excerpts, the Anthropic pool's sorted values, their order and rank counts, and three batches of activations;
+    then positions, window positions and excerpt activations per record item. Neither depends on the number of
+    sequences."""
     from interpret import BAND_ITEMS, BANDS, POOL, RAND, TOP, WINDOW
     n = sum(len(c) for c in cols.values())
     state = records = 0
     for p, m in sizes.items():
         k, r, w = min(TOP, m * T), min(RAND + (POOL if p == 'anthropic' else 0), m * T), sum(WINDOW[p])
-        state += k * (8 + w * 4) + 4 + r * (8 + w * 4) + ((4 + 2 * 8) * (r - RAND) if p == 'anthropic' else 0)
+        state += k * (8 + w * 4) + r * (8 + w * 4) + ((4 + 8 + 2 * 8) * (r - RAND) if p == 'anthropic' else 0)
         records += (k + RAND + (BANDS * BAND_ITEMS if p == 'anthropic' else 0)) * (8 + w * (8 + 4))
     return n * state + 3 * batch * T * n * 4, n * records
 

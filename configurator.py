@@ -150,10 +150,9 @@ def held_run(out_dir, init_from, overwrite):
 
 
 def start_run_folder(out_dir, held, resume_iter=None):
-    """Make out_dir (only now: a refused run leaves no empty folder), remove a killed save's partial checkpoint and
-    an overwritten run's files, and on resume cut log.jsonl back to the checkpoint's iteration (a killed run's later
-    lines are redone). Says what it did."""
-    os.makedirs(out_dir, exist_ok=True)
+    """In out_dir, claimed (claim_folder): remove a killed save's partial checkpoint and an overwritten run's files,
+    and on resume cut log.jsonl back to the checkpoint's iteration (a killed run's later lines are redone). Says what
+    it did."""
     ckpt_path, log_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'log.jsonl')
     if os.path.exists(ckpt_path + '.tmp'):
         os.remove(ckpt_path + '.tmp')
@@ -202,6 +201,11 @@ def claim_folder(folder, need_bytes=0):
     if free < need_bytes:
         fail(f"{folder} has {free:,} bytes free and a checkpoint needs about {need_bytes:,}; free some space or choose "
              f"another folder")
+
+
+def checkpoint_bytes(parameters):
+    """About what a checkpoint of these parameters takes: fp32 weights and Adam's two moments, and 10%."""
+    return int(1.1 * 12 * sum(p.numel() for p in parameters))
 
 
 def release_folder(folder):

@@ -43,7 +43,7 @@ from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expe
                  ten_after_one)
 from model import load_model, model_name
 from prepare import PrepareError, gpt2_tokenizer
-from report import compare, compare_html, summarize, write_all
+from report import compare, summarize, write_all
 
 # -----------------------------------------------------------------------------------------------------------
 ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
@@ -233,11 +233,10 @@ def sort_keys(values, positions):
 
 def recorder(protocol, P, neurons, n_random, seed, key, l, dev):
     """One protocol's record of one layer's neurons over a stream of P positions: each neuron's top-k (its sort keys
-    high to low, and the k-th value) and its n_random seeded random positions, with the excerpt around each."""
+    high to low) and its n_random seeded random positions, with the excerpt around each."""
     n, k, W = len(neurons), min(TOP, P), sum(WINDOW[protocol])
     rand = np.stack([random_positions(P, min(n_random, P), seed, key, l, j) for j in neurons])
     return {'keys': torch.full((n, k), torch.iinfo(torch.long).min, device=dev),      # below every real key
-            'kth': torch.full((n,), -float('inf'), device=dev),
             'top': torch.full((n, k, W), float('nan'), device=dev), 'rand': torch.as_tensor(rand, device=dev),
             'rand_acts': torch.full(rand.shape + (W,), float('nan'), device=dev)}
 
@@ -250,8 +249,10 @@ def add_batch(r, protocol, ts, a, context):
     offsets = torch.arange(W, device=a.device)
     read = lambda rows, neuron: context[rows[:, None] + offsets, neuron[:, None]]          # (m, W) excerpts
     # A later position enters the top-k only with a value above the k-th, and after the first batches few do: only
-    # those are sorted in (3x faster than a top-k of every value on the 2-core CPU, bench.py --what=record).
-    row, neuron = torch.nonzero(a > r['kth'], as_tuple=True)
+    # those are sorted in (a top-k of every value made the recording 5.65x a forward pass, not 3.80x: bench.py
+    # --what=record, CRATE-4L, N = 800 / 800 on the 2-core CPU). The k-th value is the middle of its excerpt.
+    kth = r['top'][:, -1, WINDOW[protocol][0]].nan_to_num(-float('inf'))
+    row, neuron = torch.nonzero(a > kth, as_tuple=True)
     if len(row):
         keys = torch.cat([r['keys'].view(-1), sort_keys(a[row, neuron], ts + row)])
         owner = torch.cat([torch.arange(n, device=a.device).repeat_interleave(k), neuron])
@@ -264,7 +265,6 @@ def add_batch(r, protocol, ts, a, context):
         top = torch.empty((n * k, W), device=a.device)
         top[keep < n * k], top[keep >= n * k] = r['top'].view(n * k, W)[old], read(row[new], neuron[new])
         r['keys'], r['top'] = keys[keep].view(n, k), top.view(n, k, W)
-        r['kth'] = r['top'][:, -1, WINDOW[protocol][0]].nan_to_num(-float('inf'))  # an excerpt's middle: its value
     neuron, item = torch.nonzero((r['rand'] >= ts) & (r['rand'] < ts + len(a)), as_tuple=True)
     r['rand_acts'][neuron, item] = read(r['rand'][neuron, item] - ts, neuron)
 
@@ -292,13 +292,13 @@ def count_ranks(counts, a, pool):
     counts[1] += len(a) - torch.searchsorted(x, pool)
 
 
-def band_items(values, counts, P, l, neurons, seed):
+def band_items(values, order, counts, P, l, neurons, seed):
     """Per neuron, BANDS x BAND_ITEMS indices into its pool of random positions with values (n, R): BAND_ITEMS drawn
     uniformly from the pool positions whose rank among all P values (high to low) lies in each of the 11 equal-count
-    bands below the top twelfth. counts are count_ranks' over all P values; a pool value's rank is exact, and a
-    value that ties others is ranked among them in a seeded random order."""
+    bands below the top twelfth. order sorts each neuron's pool values; counts are count_ranks' over all P values, in
+    that order. A pool value's rank is exact, and a value that ties others is ranked among them in a seeded random
+    order."""
     edges = np.array([P * b // 12 for b in range(13)])
-    order = np.argsort(values, axis=1, kind='stable')
     out = np.zeros((len(neurons), BANDS * BAND_ITEMS), dtype=np.int64)
     for r, neuron in enumerate(neurons):
         rng = np.random.default_rng([seed, 1, l, neuron])
@@ -363,15 +363,16 @@ def record(model, stream, sizes, layer_ids, cols, dev, autocast, batch_size=8, s
     if 'anthropic' in sizes:  # the second pass: the rank of every pool value among all the Anthropic values
         before, n = WINDOW['anthropic'][0], sizes['anthropic']
         pools = {l: r['rand_acts'][:, RAND:, before] for l, r in recs['anthropic'].items()}
-        ranked = {l: v.sort(1).values.contiguous() for l, v in pools.items()}
+        ranked = {l: v.sort(1) for l, v in pools.items()}                 # (sorted values, their order)
         counts = {l: torch.zeros((2,) + v.shape, dtype=torch.long, device=dev) for l, v in pools.items()}
         batches = forward_neurons(model, stream[:n], layer_ids, cols, dev, autocast, batch_size)
         batches = tqdm(batches, total=math.ceil(n / batch_size), desc='band ranks', unit='batch', file=sys.stderr)
         for _, sel, _ in batches:
             for l, a in sel.items():
-                count_ranks(counts[l], a, ranked[l])
+                count_ranks(counts[l], a, ranked[l].values)
         for l, r in recs['anthropic'].items():
-            pick = band_items(pools[l].cpu().numpy(), counts[l].cpu().numpy(), n * T, l, cols[l], seed)
+            pick = band_items(pools[l].cpu().numpy(), ranked[l].indices.cpu().numpy(), counts[l].cpu().numpy(), n * T,
+                              l, cols[l], seed)
             rows = torch.as_tensor(np.arange(len(cols[l]))[:, None], device=dev)
             pick = torch.as_tensor(pick, device=dev) + RAND
             r['bands'], r['bands_acts'] = r['rand'][rows, pick], r['rand_acts'][rows, pick]
@@ -400,11 +401,12 @@ def record_arrays(cols, recs, stream):
     return arrays
 
 
-def save_records(folder, l, arrays):
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            np.savez(f, **arrays)
-    error = write_safely(os.path.join(folder, f'records_L{l}.npz'), write)
+def save(path, write, mode):
+    """write(an open file) into path, safely (write_safely); a failure (a full disk) is one line."""
+    def to(tmp):
+        with open(tmp, mode) as f:
+            write(f)
+    error = write_safely(path, to)
     if error:
         raise InterpretError(f"{error}; free some space and run the same command again")
 
@@ -848,13 +850,8 @@ def main():
                         'l0': round(c['nonzero'] / c['tokens'], 2), 'dead': int((~c['alive']).sum()),
                         'neurons': len(cols[l]), 'top_token_concentration': round(float(conc), 3),
                         'tokens': c['tokens']}
-            save_records(folder, l, recs[l])
-        def write(tmp):
-            with open(tmp, 'w') as f:
-                json.dump({'settings': settings, 'stats': stats}, f)
-        error = write_safely(meta_path, write)
-        if error:
-            raise InterpretError(f"{error}; free some space and run the same command again")
+            save(os.path.join(folder, f'records_L{l}.npz'), lambda f: np.savez(f, **recs[l]), 'wb')
+        save(meta_path, lambda f: json.dump({'settings': settings, 'stats': stats}, f), 'w')
 
     # 2. explain, simulate, score: the LLM, or the token lookup in its place; neurons a killed run finished are kept
     run = [settings, simulator, explainer_model, simulator_model, base_url, simulator_base_url, explainer_temperature,
@@ -921,9 +918,8 @@ if __name__ == '__main__':
         if sys.argv[1:2] == ['--compare']:
             if len(sys.argv) < 3:
                 fail("--compare needs one or more interp folders, e.g. --compare out-crate/interp out-gpt2/interp")
-            print(compare(sys.argv[2:]))
             page = os.path.join(os.path.dirname(os.path.normpath(sys.argv[2].split('+')[0])), 'compare.html')
-            compare_html(sys.argv[2:], page)
+            print(compare(sys.argv[2:], page))
             print(f"wrote {page}: the scores side by side, and the training curves on shared axes")
         else:
             globals().update(configure(OPTIONS, sys.argv[1:]))

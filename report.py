@@ -303,13 +303,15 @@ def run_name(folder):
                     for p in parts)
 
 
-def compare(folders):
+def compare(folders, page=None):
     """The paper-style table for several runs side by side, each figure with its 95% bootstrap interval over neurons
     and each layer's zero fraction (the share of its neurons' values that are not > 0, over the recorded tokens),
     and CRATE - GPT-2 at each depth: the difference and the relative improvement, each with its interval (the two
     runs' neurons resampled independently, from their neurons.jsonl). A folder may be SAEs' folders joined by '+'
-    (see sae_layers)."""
+    (see sae_layers). With page, compare_html writes the comparison there too."""
     runs = [(f, *(read_run(f) if os.path.exists(f) or '+' not in f else sae_layers(f.split('+')))) for f in folders]
+    if page:
+        compare_html([(run_name(f), s) for f, s, _ in runs], page)
     cols = ['top_and_random', 'random_only', 'anthropic']
 
     def figure(s, method):   # (mean, interval); the paper leaves out the last layer at 6L and 12L
@@ -370,10 +372,9 @@ def write_all(folder, summary, rows, decode):
     return md
 
 
-def compare_html(folders, path):
-    """The comparison as a page: each method's mean and 95% interval per run, side by side on one axis, and the runs'
-    validation loss and zero fraction over training on shared axes."""
-    runs = [(run_name(f), read_run(f)[0] if '+' not in f else sae_layers(f.split('+'))[0]) for f in folders]
+def compare_html(runs, path):
+    """The comparison as a page: each method's mean and 95% interval per run (runs: [(name, summary)]), side by side on
+    one axis, and the runs' validation loss and zero fraction over training on shared axes."""
     methods, w, h, left = ['top_and_random', 'random_only', 'anthropic'], 760, 260, 50
     slot = (w - left) / len(methods)
     bar = (slot - 20) / len(runs)

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import (claim_folder, configure, fail, held_run, mixed_precision, pick_device, script_defaults,
-                          start_run_folder, write_safely)
+from configurator import (checkpoint_bytes, claim_folder, configure, fail, held_run, mixed_precision, pick_device,
+                          script_defaults, start_run_folder, write_safely)
 from model import load_model, model_name, read_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def main():
             fail(f"cannot resume from {ckpt_path}: {str(e).splitlines()[0]}")
         it, fill, used, fired_since, rng_state = s['iter'], s['fill'], s['used'], s['fired_since'], s['rng']
         fired = s['fired'].to(dev)
-    claim_folder(out_dir, int(1.1 * 12 * sum(p.numel() for p in model.sae.parameters())))   # weights, Adam's moments
+    claim_folder(out_dir, checkpoint_bytes(model.sae.parameters()))
     start_run_folder(out_dir, held, it if init_from == 'resume' else None)
     acts, next_state = fill_buffer(model, rng_state, fill, dev, autocast)
 

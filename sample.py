@@ -31,11 +31,10 @@ dtype = 'float32'            # 'float32' or 'bfloat16'
 globals().update(configure(script_defaults(globals()), sys.argv[1:]))
 
 
-def parse_steer(specs, model):
+def parse_steer(specs, model, sae):
     """['0:41:100', ...] -> {0: [(41, 100.0)]}, checked against the model's layers and neuron count. For an SAE
     the layer is the base model's layer the SAE reads, and the neuron is a feature."""
     out = {}
-    sae = hasattr(model, 'splice')
     for spec in specs:
         try:
             layer, neuron, value = spec.split(':')
@@ -63,9 +62,10 @@ try:
     model = load_model(ckpt, device)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-steering = parse_steer(steer, model)
+sae = hasattr(model, 'splice')      # an SAEModel (sae.py): its neurons are features, read from a base layer
+steering = parse_steer(steer, model, sae)
 original, asked = model, steering
-if hasattr(model, 'splice'):      # an SAE: steer its features, the layer's neurons become its reconstruction (lossy)
+if sae:                           # an SAE: steer its features, the layer's neurons become its reconstruction (lossy)
     steered = overwrite(sum(steering.values(), []))
     model, noop, steering = model.base, model.splice(), model.splice(steered) if steering else None
 else:                             # steer the model's own neurons: the machinery alone changes nothing
@@ -111,7 +111,7 @@ if show_next:
         with torch.no_grad(), autocast:
             neurons = original(x, return_neurons=True)[2]
         for layer, pairs in asked.items():
-            a = neurons[0 if original is not model else layer][0].float()
+            a = neurons[0 if sae else layer][0].float()
             for j, v in pairs:
                 print(f"layer {layer} neuron {j} on this prompt: {a[:, j].min().item():.3g} to "
                       f"{a[:, j].max().item():.3g}, steered to {v:g}")

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from configurator import (claim_folder, configure, fail, held_run, mixed_precision, peak_flops, pick_device,
-                          release_folder, script_defaults, start_run_folder, write_safely)
+from configurator import (checkpoint_bytes, claim_folder, configure, fail, held_run, mixed_precision, peak_flops,
+                          pick_device, release_folder, script_defaults, start_run_folder, write_safely)
 from model import ModelConfig, Transformer, check_state_dict, read_checkpoint
 from prepare import HUB
 
@@ -315,9 +315,9 @@ def agree(ok):
 
 
 ok = True
-if master:      # one run per out_dir, writable, with room for a checkpoint (weights and Adam's two moments, fp32)
+if master:      # one run per out_dir, writable, with room for a checkpoint
     try:
-        claim_folder(out_dir, int(1.1 * 12 * sum(p.numel() for p in model.parameters())))
+        claim_folder(out_dir, checkpoint_bytes(model.parameters()))
         start_run_folder(out_dir, held, iter_num if init_from == 'resume' else None)
     except SystemExit:
         ok = False
@@ -345,10 +345,9 @@ def gather_state():
     return every
 
 
-def save_checkpoint(gathered):
+def save_checkpoint(states):
     """Plain types and tensors only (loadable with weights_only=True); written to a temporary file and renamed, so a
     kill mid-write never leaves a broken ckpt.pt. False (said in one line) when it could not be written."""
-    states = gathered
     np_state = np.random.get_state()
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
              'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
