@@ -29,7 +29,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 from typing import NamedTuple
@@ -43,6 +42,8 @@ from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expe
                  ten_after_one)
 from model import load_model, model_name
 from prepare import PrepareError, gpt2_tokenizer
+from prompts import (chat_simulator_messages, classifier_messages, clean_explanation, copies_an_example,
+                     explainer_messages, few_shot_slots, marked, parse_list, simulator_prompt)
 from report import compare, summarize, write_all
 
 # -----------------------------------------------------------------------------------------------------------
@@ -52,6 +53,7 @@ out = ''                     # default: <checkpoint folder>/interp
 layers = 'all'               # 'all' or a comma list, e.g. '0,2'
 neurons = 'all'              # 'all', a list ('41' or '5,41,300'), or 'random:200' (a seeded sample per layer)
 protocol = 'all'             # 'openai', 'anthropic' or 'all'
+scoring = 'simulation'       # 'simulation' (the paper's), 'detection', 'fuzzing', or a comma list of them
 n_openai = 8000              # sequences for the OpenAI protocol (the paper's N)
 n_anthropic = 800            # sequences for the Anthropic protocol (a prefix of the same stream)
 seq_len = 0                  # 0: the model's block_size
@@ -93,7 +95,17 @@ SETS = {  # scoring method -> (protocol, explanation records, scoring records); 
                   list(range(15, 25)) + [TOP + RAND + BAND_ITEMS * b + i for b in range(BANDS) for i in (2, 3)]
                   + [TOP + i for i in range(5, 10)] + [f'ooc:{i}' for i in range(25, 35)]),
 }
-METHODS = {'openai': ['top_and_random', 'random_only'], 'anthropic': ['anthropic']}
+METHODS = {'openai': ['top_and_random', 'random_only'], 'anthropic': ['anthropic']}   # scoring by simulation
+PER_KIND, MIN_PER_KIND = 10, 5   # detection and fuzzing: excerpts of each kind per neuron, and the fewest scored
+BATCH = 5                    # excerpts per detection or fuzzing request
+MARK = 0.3                   # fuzzing marks the tokens at 0.3 of their excerpt's largest value or more
+
+
+def methods_of(p):
+    """The scoring methods run on protocol p's records: simulation's, and detection and fuzzing on the OpenAI ones."""
+    kinds = scoring.split(',')
+    return (METHODS[p] if 'simulation' in kinds else []) + [k for k in ('detection', 'fuzzing')
+                                                           if k in kinds and p == 'openai']
 
 
 class InterpretError(Exception):
@@ -109,6 +121,12 @@ def check_options():
         raise InterpretError(f"protocol must be 'openai', 'anthropic' or 'all', got {protocol!r}")
     if simulator not in ('chat', 'all-at-once', 'tokens'):
         raise InterpretError(f"simulator must be 'chat', 'all-at-once' or 'tokens', got {simulator!r}")
+    if not scoring or not set(scoring.split(',')) <= {'simulation', 'detection', 'fuzzing'}:
+        raise InterpretError(f"scoring must be 'simulation', 'detection', 'fuzzing' or a comma list of them, "
+                             f"got {scoring!r}")
+    if protocol == 'anthropic' and 'simulation' not in scoring:
+        raise InterpretError("detection and fuzzing score the OpenAI protocol's records: add simulation to "
+                             "--scoring, or use --protocol=openai or all")
     if excerpt_edges not in ('stream', 'sequence'):
         raise InterpretError(f"excerpt_edges must be 'stream' or 'sequence', got {excerpt_edges!r}")
     if seq_len < 0 or dtype not in ('float32', 'bfloat16'):
@@ -159,7 +177,8 @@ def setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai, n_anthropic,
     if T > cfg.block_size:
         raise InterpretError(f"seq_len={T} is longer than the model's block_size={cfg.block_size}")
     layer_ids, cols = pick_neurons(cfg, layers, neurons, seed)
-    wanted = {p: n for p, n in (('openai', n_openai), ('anthropic', n_anthropic)) if protocol in (p, 'all')}
+    wanted = {p: n for p, n in (('openai', n_openai), ('anthropic', n_anthropic))
+              if protocol in (p, 'all') and methods_of(p)}
     stream = read_stream(data, max(wanted.values()), T)
     sizes = {p: min(n, len(stream)) for p, n in wanted.items()}
     short = [f"--n_{p}={n}" for p, n in wanted.items() if sizes[p] < n]
@@ -459,158 +478,6 @@ def token_table(expl, m, decode):
     return TokenTable({t: sums[t] / counts[t] for t in sums}, decode)
 
 
-# --- the LLM roles: explainer and simulators through any OpenAI-compatible server ----------------------------------
-# The prompts follow the structure of OpenAI's automated-interpretability as the paper ran it (instructions, a fixed
-# block of few-shot example neurons, then the neuron under test), with our own wording and our own examples. The
-# few-shot block comes first and is the same in every request, so that a server's prefix cache can reuse it.
-
-EXPLANATION_PREFIX = 'the main thing this neuron does is find'
-INSTRUCTIONS = (
-    "We study single neurons inside a language model. Each neuron responds to some particular thing in a short "
-    "text. Its activation on each token is written as token<TAB>activation, an integer from 0 (silent) to 10 "
-    "(strongest); most activations are 0.")
-EXPLAINER_TASK = (" Read the excerpts a neuron responds to and say, in a short phrase, what it responds to. Look at "
-                  "which tokens fire and at what surrounds them; prefer a precise phrase to a general one.")
-SIMULATOR_TASK = (" Given a neuron's explanation, predict its activation on each token; \"unknown\" marks an "
-                  "activation to predict.")
-CHAT_SIMULATOR_TASK = (" Given a neuron's explanation and a list of tokens, answer with the activation of each token "
-                       "as JSON only: {\"activations\": [one integer per token]}.")
-
-
-# Example neurons, written for this project: (explanation, excerpts of (token, activation 0-10)).
-FEW_SHOT = [
-    ('days of the week, most strongly when they name a day of a meeting or event', [
-        [(' The', 0), (' board', 0), (' met', 0), (' on', 0), (' Friday', 10), (' and', 0), (' again', 0),
-         (' on', 0), (' Sunday', 8), (' evening', 1), ('.', 0)],
-        [(' Every', 0), (' Tuesday', 9), (' the', 0), (' market', 0), (' opens', 0), (' at', 0), (' six', 0),
-         ('.', 0)]]),
-    ('closing brackets that end a parenthetical remark or citation', [
-        [(' results', 0), (' (', 0), ('see', 0), (' Table', 0), (' 2', 1), (')', 10), (' were', 0),
-         (' clear', 0), (' (', 0), ('p', 0), (' <', 0), (' 0', 0), ('.', 0), ('05', 0), (').', 7)]]),
-    ('words about the sea, boats and water', [
-        [(' The', 0), (' boat', 5), (' drifted', 2), (' across', 0), (' the', 0), (' bay', 8), (' while', 0),
-         (' waves', 10), (' broke', 1), (' on', 0), (' the', 0), (' shore', 6), ('.', 0)]]),
-]
-
-
-def show_token(text):
-    return text.replace('\\', '\\\\').replace('\n', '\\n').replace('\t', '\\t')
-
-
-def listing(tokens, values):
-    """One excerpt as <start>, token<TAB>value lines, <end>; values may be 'unknown'."""
-    return '<start>\n' + ''.join(f"{show_token(t)}\t{v}\n" for t, v in zip(tokens, values)) + '<end>\n'
-
-
-def explainer_body(excerpts):
-    """excerpts: [(token texts, 0-10 values)]: the listings, and the non-zero tokens again when they are rare."""
-    shown = sum(len(v) for _, v in excerpts)
-    nonzero = [show_token(t) for toks, vals in excerpts for t, v in zip(toks, vals) if v > 0]
-    body = ''.join(listing(t, v) for t, v in excerpts)
-    if len(nonzero) < 0.2 * shown:
-        body += 'Non-zero tokens: ' + ', '.join(nonzero) + '\n'
-    return body + f'\nComplete the sentence: {EXPLANATION_PREFIX}'
-
-
-def with_instructions(system, turns, system_role):
-    """A system message, or (for a chat template that rejects one) the instructions at the head of the first turn."""
-    if system_role:
-        return [{'role': 'system', 'content': system}] + turns
-    return [{**turns[0], 'content': system + '\n\n' + turns[0]['content']}] + turns[1:]
-
-
-def explainer_messages(expl, m, decode, system_role=True):
-    turns = []
-    for explanation, examples in FEW_SHOT:
-        body = explainer_body([([t for t, _ in ex], [v for _, v in ex]) for ex in examples])
-        turns += [{'role': 'user', 'content': body},
-                  {'role': 'assistant', 'content': explanation}]
-    turns.append({'role': 'user', 'content': explainer_body([([decode([t]) for t in toks], quantize(a, m).tolist())
-                                                             for toks, a in expl])})
-    return with_instructions(INSTRUCTIONS + EXPLAINER_TASK, turns, system_role)
-
-
-def clean_explanation(text, limit=300):
-    """The answer's first line, without the prompt's lead-in, a trailing period or one pair of enclosing quotes."""
-    line = (text or '').strip().split('\n')[0].strip()
-    for lead in (EXPLANATION_PREFIX, 'find'):
-        if line.lower().startswith(lead + ' '):
-            line = line[len(lead) + 1:].strip()
-    line = line.rstrip('.').strip()
-    for a, b in ('""', "''", '“”', '‘’', '``'):
-        if len(line) >= 2 and line[0] == a and line[-1] == b and b not in line[1:-1]:   # one pair around it all
-            line = line[1:-1].strip()
-            break
-    return line[:limit]
-
-
-def simulator_prompt(explanation, tokens, slot='unknown'):
-    """The all-at-once prompt for one excerpt and the character offsets of its slots: the few-shot block (the same
-    in every request), then the explanation and the excerpt with `slot` where each activation would be."""
-    parts = [INSTRUCTIONS + SIMULATOR_TASK + '\n']
-    for i, (expl, examples) in enumerate(FEW_SHOT):
-        parts.append(f"\nNeuron {i + 1}\nExplanation: {EXPLANATION_PREFIX} {expl}\nActivations:\n"
-                     + ''.join(listing([t for t, _ in ex], [v for _, v in ex]) for ex in examples))
-    head = ''.join(parts) + (f"\nNeuron {len(FEW_SHOT) + 1}\nExplanation: {EXPLANATION_PREFIX} {explanation}\n"
-                             f"Activations:\n<start>\n")
-    slots, body = [], head
-    for t in tokens:
-        body += show_token(t) + '\t'
-        slots.append(len(body))
-        body += slot + '\n'
-    return body + '<end>\n', slots
-
-
-def few_shot_slots():
-    """Offsets and values of the few-shot block's own activations in simulator_prompt (they tell how the server
-    tokenises '10')."""
-    prompt, _ = simulator_prompt('x', [])
-    out, pos = [], 0
-    for _, examples in FEW_SHOT:
-        for ex in examples:
-            for t, v in ex:
-                pos = prompt.index(show_token(t) + '\t', pos) + len(show_token(t)) + 1
-                out.append((pos, v))
-    return out
-
-
-def chat_simulator_messages(explanation, tokens, system_role=True):
-    turns = []
-    for expl, examples in FEW_SHOT:
-        ex = [p for e in examples for p in e]
-        turns += [{'role': 'user', 'content': chat_simulator_question(expl, [t for t, _ in ex])},
-                  {'role': 'assistant', 'content': json.dumps({'activations': [v for _, v in ex]})}]
-    turns.append({'role': 'user', 'content': chat_simulator_question(explanation, tokens)})
-    return with_instructions(INSTRUCTIONS + CHAT_SIMULATOR_TASK, turns, system_role)
-
-
-def chat_simulator_question(explanation, tokens):
-    numbered = '\n'.join(f"{i}: {json.dumps(t)}" for i, t in enumerate(tokens))
-    return (f"Explanation: {EXPLANATION_PREFIX} {explanation}.\n{len(tokens)} tokens:\n{numbered}\n"
-            f"Reply with {{\"activations\": [{len(tokens)} integers from 0 to 10]}}.")
-
-
-def parse_activations(text, n):
-    """The n integers 0-10 of an answer: its JSON object's "activations", else a bracketed list [v, v, ...]. Other
-    integers in the text (an echo of the numbered listing, say) are not an answer."""
-    if not isinstance(text, str):
-        return None
-    values = None
-    start, end = text.find('{'), text.rfind('}')
-    if start >= 0 and end > start:
-        try:
-            obj = json.loads(text[start:end + 1])
-            values = obj.get('activations') if isinstance(obj, dict) else None
-        except json.JSONDecodeError:
-            values = None
-    if values is None:
-        bracket = re.search(r'\[([\d\s,]*)\]', text)
-        values = [int(x) for x in bracket.group(1).replace(',', ' ').split()] if bracket else None
-    ok = (isinstance(values, list) and len(values) == n
-          and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10 for v in values))
-    return values if ok else None
-
-
 # --- 2. explain and 3. simulate, by the LLM (llm.py asks) or the token lookup in its place ---------------------------
 
 class Simulation(NamedTuple):
@@ -626,13 +493,14 @@ async def explain(llm, expl, m, decode):
     no usable one. llm None: the token lookup's table."""
     if llm is None:
         return token_table(expl, m, decode)
+    shown = [([decode([t]) for t in toks], quantize(a, m).tolist()) for toks, a in expl]
 
     def check(r):
         text = clean_explanation(answer(r)[0])
-        if not text:
-            raise BadAnswer('an empty explanation')
+        if not text or copies_an_example(text):
+            raise BadAnswer('an empty explanation, or an example neuron\'s')
         return text
-    return await llm.ask('explainer', lambda system: explainer_messages(expl, m, decode, system), check,
+    return await llm.ask('explainer', lambda system: explainer_messages(shown, system), check,
                          max_tokens=explainer_max_tokens, temperature=explainer_temperature)
 
 
@@ -643,7 +511,7 @@ async def simulate_chat(llm, explanation, tokens):
 
     def check(r):
         text, logprobs = answer(r)
-        values = parse_activations(text, n)
+        values = parse_list(text, 'activations', n, 10)
         if values is None:
             raise BadAnswer('not n activations from 0 to 10')
         expected = expected_from_logprobs(logprobs, n) if logprobs else None
@@ -653,7 +521,7 @@ async def simulate_chat(llm, explanation, tokens):
             raise BadAnswer('the logprobs contradict the answer')
         return Simulation(np.array(expected, dtype=np.float64))
     return await llm.ask('simulator', lambda system: chat_simulator_messages(explanation, tokens, system), check,
-                         schema=n, max_tokens=8 * n + 40, temperature=0)
+                         schema=('activations', n, 10), max_tokens=8 * n + 40, temperature=0)
 
 
 async def simulate_all_at_once(llm, explanation, tokens):
@@ -688,7 +556,63 @@ async def simulate(llm, explanation, scoring, decode):
     return None if any(r is None for r in results) else results
 
 
-# --- 3. score: the correlation of simulated and true activations, every neuron, resumable --------------------------
+# --- 3b. detection and fuzzing: 0/1 answers about whole excerpts, no logprobs needed -------------------------------
+
+def classifier_examples(rec, n, m, rng):
+    """Detection's and fuzzing's excerpts of neuron row n, from its OpenAI records: [(token ids, activations, label)],
+    shuffled, or None when it has fewer than MIN_PER_KIND of either kind. Label 1, activating: an excerpt with a value
+    that quantises to 1 or more; PER_KIND of them, one from each of PER_KIND equal-count quantiles (by peak) of the
+    top excerpts the explainer did not see and the random excerpts that activate. Label 0, non-activating: a random
+    excerpt whose values all quantise to 0; PER_KIND of them at random."""
+    unseen_top = list(range(1, TOP, 2))
+    items = excerpts(rec, 'openai', unseen_top + list(range(TOP, TOP + RAND)), n)
+    peak = np.array([quantize(a, m).max() if len(a) else 0 for _, a in items])
+    active = np.nonzero(peak >= 1)[0]
+    quiet = np.nonzero((peak == 0) & (np.arange(len(items)) >= len(unseen_top)))[0]      # random excerpts only
+    if min(len(active), len(quiet)) < MIN_PER_KIND:
+        return None
+    active = active[np.argsort(-peak[active], kind='stable')]
+    picked = [int(rng.choice(q)) for q in np.array_split(active, min(PER_KIND, len(active)))]
+    picked += rng.choice(quiet, min(PER_KIND, len(quiet)), replace=False).tolist()
+    return [(*items[i], int(peak[i] >= 1)) for i in rng.permutation(picked)]
+
+
+def fuzzing_marks(examples, rng):
+    """The tokens fuzzing marks in each excerpt: in an activating one those at MARK of its largest value or more; in a
+    non-activating one as many random tokens as an activating excerpt has marked on average (rounded up)."""
+    marks = [a >= MARK * a.max() if label else None for _, a, label in examples]
+    k = math.ceil(np.mean([mk.sum() for mk in marks if mk is not None]))
+    for i, (_, a, label) in enumerate(examples):
+        if not label:
+            marks[i] = np.isin(np.arange(len(a)), rng.choice(len(a), min(k, len(a)), replace=False))
+    return marks
+
+
+async def classify(llm, kind, explanation, examples, marks, decode):
+    """Each example's answer (0 or 1, and P(1) where the server gives logprobs, else None), BATCH excerpts a request;
+    None when a request failed. llm None: the token lookup says 1 where an excerpt's largest looked-up value
+    (detection), or its marked tokens' mean value (fuzzing), is 1 or more."""
+    if llm is None:
+        look = [np.array([explanation.get(t, 0.0) for t in toks]) for toks, _, _ in examples]
+        return [(int((v.max() if kind == 'detection' else v[mk].mean()) >= 1), None) for v, mk in zip(look, marks)]
+    texts = [''.join(decode([t]) for t in toks) if kind == 'detection' else marked([decode([t]) for t in toks], mk)
+             for (toks, _, _), mk in zip(examples, marks)]
+
+    async def ask(batch):
+        def check(r):
+            text, logprobs = answer(r)
+            labels = parse_list(text, 'answers', len(batch), 1)
+            if labels is None:
+                raise BadAnswer('not one 0 or 1 per excerpt')
+            p = expected_from_logprobs(logprobs, len(batch)) if logprobs else None
+            return list(zip(labels, p or [None] * len(batch)))
+        return await llm.ask('simulator', lambda system: classifier_messages(kind, explanation, batch, system), check,
+                             schema=('answers', len(batch), 1), max_tokens=4 * len(batch) + 20, temperature=0)
+    results = await asyncio.gather(*(ask(texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)))
+    return None if any(r is None for r in results) else [a for r in results for a in r]
+
+
+# --- 4. score: the correlation of simulated and true activations, or the accuracy of 0/1 answers ---------------------
 
 def pearson(x, y):
     """Pearson correlation of the pooled values, or None when either side is constant."""
@@ -698,38 +622,73 @@ def pearson(x, y):
     return None if den == 0 or not math.isfinite(den) else float((dx * dy).sum() / den)
 
 
-async def score_neuron(rec, n, protocol, decode, llm):
-    """Explain, simulate and score one neuron under every scoring method of a protocol, with the LLM (None: the
-    token lookup). The scoring methods of one protocol share the explanation (and identical requests are answered
-    once, from the cache)."""
-    out, explanation = {}, None
-    for method in METHODS[protocol]:
-        _, expl_items, score_items = SETS[method]
-        expl = excerpts(rec, protocol, expl_items, n)
-        m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
-        if not m > 0:
-            out[method] = {'dead': True, 'score': None, 'explanation': None}
-            continue
-        scoring = excerpts(rec, protocol, score_items, n)
-        explanation = explanation or await explain(llm, expl, m, decode)
-        result = await simulate(llm, explanation, scoring, decode) if explanation else None
-        if result is None:
-            out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
-                           'explanation': explanation, 'failure': 'explanation' if not explanation else 'simulation'}
-            continue
-        preds, hard, no_digit = [r.preds for r in result], any(r.hard for r in result), sum(r.no_digit for r in result)
-        slots = sum(len(p) for p in preds)
-        if no_digit > max_no_digit * slots:              # not zeros: the simulator did not answer with a value
-            out[method] = {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
-                           'explanation': explanation, 'no_digit': no_digit,
-                           'failure': f'no digit among the top-k at {no_digit} of {slots} slots'}
-            continue
-        true, pred = np.concatenate([a for _, a in scoring]), np.concatenate(preds)
-        read = ~np.isnan(pred)                            # slots without a digit leave the correlation
-        score = pearson(true[read], pred[read])
-        out[method] = {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m, 'hard': hard,
-                       'explanation': str(explanation), 'no_digit': int((~read).sum()),
-                       'show': [(toks, a.tolist(), p.tolist()) for (toks, a), p in zip(scoring[:3], preds[:3])]}
+def balanced_accuracy(labels, answers):
+    """The mean of the rates of right answers on activating and on non-activating excerpts (0.5: chance, whatever
+    the mix), with F1 and, where every answer has a P(1), the AUC (the chance an activating excerpt gets the higher)."""
+    y, a = np.array(labels), np.array([x for x, _ in answers])
+    tp, fp, fn = int(((a == 1) & (y == 1)).sum()), int(((a == 1) & (y == 0)).sum()), int(((a == 0) & (y == 1)).sum())
+    ba = ((a == y)[y == 1].mean() + (a == y)[y == 0].mean()) / 2
+    auc = None
+    if all(p is not None for _, p in answers):
+        p = np.array([p for _, p in answers])
+        pos, neg = p[y == 1][:, None], p[y == 0][None, :]
+        auc = float(((pos > neg) + 0.5 * (pos == neg)).mean())
+    return float(ba), 2 * tp / (2 * tp + fp + fn) if tp else 0.0, auc
+
+
+def failed(m, explanation, why):
+    return {'dead': False, 'score': None, 'undefined': True, 'failed': True, 'max_act': m,
+            'explanation': explanation and str(explanation), 'failure': why}
+
+
+async def score_by_simulation(llm, rec, n, protocol, method, explanation, m, decode):
+    scoring = excerpts(rec, protocol, SETS[method][2], n)
+    result = await simulate(llm, explanation, scoring, decode)
+    if result is None:
+        return failed(m, explanation, 'simulation')
+    preds, hard, no_digit = [r.preds for r in result], any(r.hard for r in result), sum(r.no_digit for r in result)
+    slots = sum(len(p) for p in preds)
+    if no_digit > max_no_digit * slots:              # not zeros: the simulator did not answer with a value
+        return {**failed(m, explanation, f'no digit among the top-k at {no_digit} of {slots} slots'),
+                'no_digit': no_digit}
+    true, pred = np.concatenate([a for _, a in scoring]), np.concatenate(preds)
+    read = ~np.isnan(pred)                            # slots without a digit leave the correlation
+    score = pearson(true[read], pred[read])
+    return {'dead': False, 'score': score, 'undefined': score is None, 'max_act': m, 'hard': hard,
+            'explanation': str(explanation), 'no_digit': int((~read).sum()),
+            'show': [(toks, a.tolist(), p.tolist()) for (toks, a), p in zip(scoring[:3], preds[:3])]}
+
+
+async def score_by_classifying(llm, rec, n, kind, explanation, m, decode, key):
+    examples = classifier_examples(rec, n, m, np.random.default_rng([seed, 4, *key]))
+    if examples is None:
+        return {'dead': False, 'score': None, 'undefined': True, 'max_act': m, 'explanation': str(explanation)}
+    marks = fuzzing_marks(examples, np.random.default_rng([seed, 5, *key])) if kind == 'fuzzing' else [None] * len(
+        examples)
+    answers = await classify(llm, kind, explanation, examples, marks, decode)
+    if answers is None:
+        return failed(m, explanation, kind)
+    ba, f1, auc = balanced_accuracy([label for _, _, label in examples], answers)
+    return {'dead': False, 'score': ba, 'undefined': False, 'max_act': m, 'explanation': str(explanation), 'f1': f1,
+            'auc': auc, 'examples': len(examples), 'hard': auc is None and llm is not None}
+
+
+async def score_neuron(rec, n, protocol, decode, llm, key):
+    """Explain one neuron from a protocol's explanation set, then score the explanation by every method of that
+    protocol, with the LLM (None: the token lookup). key: (layer, neuron), which seeds detection's draws."""
+    expl = excerpts(rec, protocol, SETS[METHODS[protocol][0]][1], n)
+    m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
+    if not m > 0:
+        return {method: {'dead': True, 'score': None, 'explanation': None} for method in methods_of(protocol)}
+    explanation = await explain(llm, expl, m, decode)
+    out = {}
+    for method in methods_of(protocol):
+        if not explanation:
+            out[method] = failed(m, explanation, 'explanation')
+        elif method in ('detection', 'fuzzing'):
+            out[method] = await score_by_classifying(llm, rec, n, method, explanation, m, decode, key)
+        else:
+            out[method] = await score_by_simulation(llm, rec, n, protocol, method, explanation, m, decode)
     return out
 
 
@@ -760,7 +719,7 @@ async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_k
             try:
                 scores = {}
                 for p in protocols:
-                    scores.update(await score_neuron(recs[l], n, p, decode, llm))
+                    scores.update(await score_neuron(recs[l], n, p, decode, llm, (l, neuron)))
             except (InterpretError, LLMError):
                 raise
             except Exception as e:               # whatever a server sends, it ends this neuron, not the run
@@ -777,34 +736,47 @@ async def score_all(todo, recs, protocols, decode, llm, done, scores_path, run_k
 
 
 def estimate(todo, recs, protocols, decode, count, simulator, explainer_max_tokens):
-    """What a run would ask of the servers: requests and tokens of the whole prompts as they would be sent, counted
-    with count(text) (GPT-2's tokenizer: the models' own will differ), completions at their caps."""
+    """What a run would ask of the servers, for each kind of request: requests and the tokens of the whole prompts as
+    they would be sent, counted with count(text) (GPT-2's tokenizer: the models' own will differ), completions at
+    their caps."""
     if simulator == 'tokens':
         return f"--simulator=tokens makes no requests ({len(todo)} neurons to score)"
-    requests, prompt, completion = 0, 0, 0
+    tally = {}
     placeholder = 'a short phrase of about ten words describing what the neuron responds to'
-    for l, n, _ in todo:
+
+    def add(what, messages, completion):
+        t = tally.setdefault(what, [0, 0, 0])
+        prompt = count(messages) if isinstance(messages, str) else sum(count(x['content']) + 4 for x in messages)
+        t[0], t[1], t[2] = t[0] + 1, t[1] + prompt, t[2] + completion
+
+    for l, n, neuron in todo:
         for p in protocols:
             expl = excerpts(recs[l], p, SETS[METHODS[p][0]][1], n)
             m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
             if not m > 0:
                 continue
-            requests += 1
-            prompt += sum(count(x['content']) + 4 for x in explainer_messages(expl, m, decode))
-            completion += explainer_max_tokens
-            for toks, _ in excerpts(recs[l], p, SETS[METHODS[p][0]][2], n):   # random_only's are among these
-                tokens = [decode([t]) for t in toks]
-                requests += 1
-                if simulator == 'all-at-once':
-                    prompt += count(simulator_prompt(placeholder, tokens)[0])
-                    completion += 1
-                else:
-                    prompt += sum(count(x['content']) + 4 for x in chat_simulator_messages(placeholder, tokens))
-                    completion += 8 * len(tokens) + 40
-    twice = (' (all-at-once: up to twice the simulator requests where the server writes 10 as two tokens)'
-             if simulator == 'all-at-once' else '')
-    return (f"dry run: {len(todo)} neurons, about {requests:,} requests, {prompt:,} prompt tokens and up to "
-            f"{completion:,} completion tokens, counted in GPT-2 tokens{twice}")
+            add('explanation', explainer_messages([([decode([t]) for t in toks], quantize(a, m).tolist())
+                                                   for toks, a in expl]), explainer_max_tokens)
+            if 'simulation' in scoring:
+                for toks, _ in excerpts(recs[l], p, SETS[METHODS[p][0]][2], n):   # random_only's are among these
+                    tokens = [decode([t]) for t in toks]
+                    if simulator == 'all-at-once':
+                        add('simulation', simulator_prompt(placeholder, tokens)[0], 1)
+                    else:
+                        add('simulation', chat_simulator_messages(placeholder, tokens), 8 * len(tokens) + 40)
+            examples = classifier_examples(recs[l], n, m, np.random.default_rng([seed, 4, l, neuron]))
+            for kind in (k for k in ('detection', 'fuzzing') if k in methods_of(p) and examples):
+                texts = [marked([decode([t]) for t in toks], [False] * len(toks)) for toks, _, _ in examples]
+                for i in range(0, len(texts), BATCH):
+                    add(kind, classifier_messages(kind, placeholder, texts[i:i + BATCH]), 4 * BATCH + 20)
+    lines = [f"dry run: {len(todo)} neurons; requests, prompt tokens and completion tokens at most (GPT-2 tokens):"]
+    for what, (r, pt, ct) in tally.items():
+        k = len(todo)
+        lines.append(f"  {what}: {r:,} requests, {pt:,} + {ct:,} tokens ({r / k:.1f} requests, {pt / k:,.0f} + "
+                     f"{ct / k:,.0f} tokens a neuron)")
+    if simulator == 'all-at-once':
+        lines.append('  (all-at-once: up to twice the simulation requests where the server writes 10 as two tokens)')
+    return '\n'.join(lines)
 
 
 # --- the script ----------------------------------------------------------------------------------------------------
@@ -854,8 +826,8 @@ def main():
         save(meta_path, lambda f: json.dump({'settings': settings, 'stats': stats}, f), 'w')
 
     # 2. explain, simulate, score: the LLM, or the token lookup in its place; neurons a killed run finished are kept
-    run = [settings, simulator, explainer_model, simulator_model, base_url, simulator_base_url, explainer_temperature,
-           simulator_top_logprobs, seed, bad_answer_retries, explainer_max_tokens, max_no_digit]
+    run = [settings, scoring, simulator, explainer_model, simulator_model, base_url, simulator_base_url,
+           explainer_temperature, simulator_top_logprobs, seed, bad_answer_retries, explainer_max_tokens, max_no_digit]
     run_key = hashlib.sha256(json.dumps(run).encode()).hexdigest()[:16]
     scores_path = os.path.join(folder, 'scores.jsonl')
     done = read_finished(scores_path, run_key) if resume else {}
@@ -877,7 +849,7 @@ def main():
     unfinished = asyncio.run(score_all(todo, recs, protocols, decode, llm, done, scores_path, run_key))
 
     # 3. report
-    rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in METHODS[p]}
+    rows, per_method = [], {m: {l: [] for l in layer_ids} for p in protocols for m in methods_of(p)}
     for (l, neuron), scores in sorted(done.items()):
         for m, sc in scores.items():
             per_method[m][l].append(sc)

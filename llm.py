@@ -11,7 +11,8 @@ asked, not what they are.
   the next run asks again. No answer fails the run; an unreachable server, a refused key or an unknown model do.
 - Servers differ, and each role's first request goes alone to learn how this one does: max_tokens or
   max_completion_tokens; whether its chat template takes a system turn; json_schema, json_object or plain text for
-  the simulator's answer (llama.cpp's server answers json_schema with HTTP 500); chat logprobs or none.
+  the simulator's answer (llama.cpp's server answers json_schema with HTTP 500, so the first request goes without
+  the client's retries; llama-cpp-python enforces a schema sent with json_object); chat logprobs or none.
 - Logprobs: a chat simulator's expected value per activation comes from its answer's top_logprobs
   (expected_from_logprobs); the all-at-once simulator reads the prompt's own logprobs, from an echo (OpenAI's
   legacy completions, llama.cpp) or vLLM's prompt_logprobs, aligned to the prompt by character offsets
@@ -26,11 +27,10 @@ import os
 import sys
 
 
-def activation_schema(n):
-    return {'type': 'json_schema', 'json_schema': {'name': 'activations', 'strict': True, 'schema': {
-        'type': 'object', 'additionalProperties': False, 'required': ['activations'],
-        'properties': {'activations': {'type': 'array', 'minItems': n, 'maxItems': n,
-                                       'items': {'type': 'integer', 'minimum': 0, 'maximum': 10}}}}}}
+def list_schema(key, n, top):
+    """The JSON schema of {key: [n integers from 0 to top]}."""
+    return {'type': 'object', 'additionalProperties': False, 'required': [key], 'properties': {key: {
+        'type': 'array', 'minItems': n, 'maxItems': n, 'items': {'type': 'integer', 'minimum': 0, 'maximum': top}}}}
 
 
 class LLMError(Exception):
@@ -229,8 +229,9 @@ class LLM:
             self.active -= 1
             self.slots.notify_all()
 
-    async def call(self, role, endpoint, attempt, check, **request):
-        """check(response) -> what the caller needs, or BadAnswer. Only an answer that passed is cached."""
+    async def call(self, role, endpoint, attempt, check, bare=False, **request):
+        """check(response) -> what the caller needs, or BadAnswer. Only an answer that passed is cached. bare: without
+        the client's retries."""
         request['model'] = self.models[role]
         key = json.dumps([self.urls[role], endpoint, request, attempt], sort_keys=True)
         key = hashlib.sha256(key.encode()).hexdigest()
@@ -241,7 +242,8 @@ class LLM:
                 return value
             except BadAnswer:
                 del self.cache[key]                     # an older run's answer that no longer passes: ask again
-        api = self.clients[role].chat.completions if endpoint == 'chat' else self.clients[role].completions
+        client = self.clients[role].with_options(max_retries=0) if bare else self.clients[role]
+        api = client.chat.completions if endpoint == 'chat' else client.completions
         extra = request.pop('extra_body', None)
         for tries in range(2):
             await self.slot()
@@ -298,9 +300,9 @@ class LLM:
         return None
 
     async def chat(self, role, messages, check, attempt=0, schema=None, **request):
-        """A chat request; messages(system_role) builds the turns; schema=n asks for n activations in the
-        best format the server takes. A role's first request goes alone, the others waiting for it: what it
-        learns about the server (max_tokens, a system turn, response formats, logprobs) they use."""
+        """A chat request; messages(system_role) builds the turns; schema=(key, n, top) asks for {key: [n integers
+        0..top]} in the best format the server takes. A role's first request goes alone, the others waiting for it:
+        what it learns about the server (max_tokens, a system turn, response formats, logprobs) they use."""
         if not self.probed[role].is_set():
             if self.probing[role]:
                 await self.probed[role].wait()
@@ -313,19 +315,22 @@ class LLM:
         return await self.chat_once(role, messages, check, attempt, schema, False, request)
 
     async def chat_once(self, role, messages, check, attempt, schema, probe, request):
+        bare = probe                  # the probe goes without the client's retries: a refused format answers at once
         while True:
             req, limit, system = dict(request), self.limit_param, self.system_role[role]
             fmt, logprobs = self.fmt, self.logprobs
             if limit != 'max_tokens' and 'max_tokens' in req:
                 req[limit] = req.pop('max_tokens')
             if schema is not None:
-                if fmt != 'text':
-                    json_object = {'type': 'json_object'}
-                    req['response_format'] = activation_schema(schema) if fmt == 'json_schema' else json_object
+                if fmt == 'json_schema':
+                    req['response_format'] = {'type': 'json_schema', 'json_schema': {
+                        'name': schema[0], 'strict': True, 'schema': list_schema(*schema)}}
+                elif fmt == 'json_object':
+                    req['response_format'] = {'type': 'json_object', 'schema': list_schema(*schema)}
                 if logprobs:
                     req.update(logprobs=True, top_logprobs=20)
             try:
-                return await self.call(role, 'chat', attempt, check, messages=messages(system), **req)
+                return await self.call(role, 'chat', attempt, check, bare, messages=messages(system), **req)
             except (self.openai.BadRequestError, self.openai.InternalServerError) as e:
                 text = str(e).lower()
                 now = (self.limit_param, self.system_role[role], self.fmt, self.logprobs)
@@ -345,8 +350,14 @@ class LLM:
                     self.fmt = {'json_schema': 'json_object', 'json_object': 'text'}[fmt]
                 elif refused:
                     raise BadAnswer(f"the server refused this request ({str(e)[:120]})")   # e.g. too long
+                elif bare:
+                    bare = False                        # a server error: from now on the client retries it
                 else:
                     raise                               # a server error: the neuron is left for a re-run
+            except self.openai.APIStatusError:
+                if not bare:
+                    raise                               # the caller decides
+                bare = False                            # 408, 409, 429 to the probe: the client retries them
 
     async def prompt_logprobs(self, prompt):
         """The prompt's echoed tokens with their top-k alternatives (an echo is not resampled: no retries)."""

@@ -1,7 +1,7 @@
 """
 What interpret.py writes after scoring, and the table that compares runs:
 
-    summary.json / summary.md   each scoring method's mean Pearson r x 100 per layer and over the layers, with 95%
+    summary.json / summary.md   each scoring method's mean score x 100 per layer and over the layers, with 95%
                                 bootstrap intervals over neurons
     report.html                 the same, histograms of r, the training curves from the checkpoint's log.jsonl, and
                                 each neuron's explanation with its true and simulated activations
@@ -19,6 +19,15 @@ import numpy as np
 # --- the statistics: means over neurons and layers, and their bootstrap intervals ----------------------------------
 
 BOOT = 2000                  # bootstrap replicates for the 95% intervals
+UNITS = 'simulation scores are Pearson r x 100, detection and fuzzing scores balanced accuracy x 100 (50: chance)'
+COLUMNS = {'top_and_random': 'Top-and-Random', 'random_only': 'Random-only', 'anthropic': 'Anthropic',
+           'detection': 'Detection', 'fuzzing': 'Fuzzing'}
+
+
+def columns(summaries):
+    """The paper's three methods, then detection and fuzzing where any run has them."""
+    return [c for c in COLUMNS if c in ('top_and_random', 'random_only', 'anthropic')
+            or any(c in s['methods'] for s in summaries)]
 
 
 def defined_scores(items):
@@ -80,7 +89,7 @@ def markdown(summary):
     lines = [f"# {summary['model_name']} ({summary['simulator_label']})", '',
              f"validation loss {summary['val_loss']}; {summary['settings']['n_openai']} / "
              f"{summary['settings']['n_anthropic']} sequences of {summary['settings']['seq_len']} tokens (OpenAI / "
-             f"Anthropic); scores are Pearson r x 100", '',
+             f"Anthropic); {UNITS}", '',
              '| layer | method | mean [95% interval] | std | scored | undefined | dead | failed | hard '
              '| no-digit slots |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
@@ -210,7 +219,7 @@ def write_report(folder, summary, neuron_rows, decode):
                        for i in range(1, 11)) + '</style>', f'<h1>{html.escape(title)}</h1>',
              f'<p>checkpoint {html.escape(summary["ckpt"])}, validation loss {summary["val_loss"]}, '
              f'{summary["settings"]["n_openai"]} / {summary["settings"]["n_anthropic"]} sequences of '
-             f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic). Scores are Pearson r x 100.</p>',
+             f'{summary["settings"]["seq_len"]} tokens (OpenAI / Anthropic); {UNITS}.</p>',
              '<p>In the excerpts below, <span class=a6>orange</span> shading is the neuron\'s true activation and '
              '<span class=s6>blue</span> the simulator\'s prediction, darker for stronger (0 to 10); &#9166; is a '
              'newline token. A layer\'s top-activation token concentration is, averaged over its neurons, the share '
@@ -312,7 +321,7 @@ def compare(folders, page=None):
     runs = [(f, *(read_run(f) if os.path.exists(f) or '+' not in f else sae_layers(f.split('+')))) for f in folders]
     if page:
         compare_html([(run_name(f), s) for f, s, _ in runs], page)
-    cols = ['top_and_random', 'random_only', 'anthropic']
+    cols = columns([s for _, s, _ in runs])
 
     def figure(s, method):   # (mean, interval); the paper leaves out the last layer at 6L and 12L
         m = s['methods'].get(method, {}).get('model', {})
@@ -329,7 +338,7 @@ def compare(folders, page=None):
     one = labels.pop() if len(labels) == 1 else None           # said once above the table, or per row
     lines = ([f"simulator: {one}", ''] if one else []) + [
         '| run | model | layers | val loss |' + ('' if one else ' simulator |')
-        + ' Top-and-Random | Random-only | Anthropic | zero fraction |', '|' + ' --- |' * (8 if one else 9)]
+        + ''.join(f' {COLUMNS[c]} |' for c in cols) + ' zero fraction |', '|' + ' --- |' * (5 + len(cols) + (not one))]
     for f, s, _ in runs:
         zeros = ', '.join(f"{s['stats'][str(l)]['zero_fraction']:.2f}" for l in s['layer_ids'])   # per layer
         loss = '–' if s['val_loss'] is None else f"{s['val_loss']:.3f}"
@@ -375,7 +384,7 @@ def write_all(folder, summary, rows, decode):
 def compare_html(runs, path):
     """The comparison as a page: each method's mean and 95% interval per run (runs: [(name, summary)]), side by side on
     one axis, and the runs' validation loss and zero fraction over training on shared axes."""
-    methods, w, h, left = ['top_and_random', 'random_only', 'anthropic'], 760, 260, 50
+    methods, w, h, left = columns([s for _, s in runs]), 760, 260, 50
     slot = (w - left) / len(methods)
     bar = (slot - 20) / len(runs)
     sy = lambda v: 10 + (100 - v) / 100 * (h - 40)            # scores (r x 100) on 0 to 100
@@ -410,8 +419,8 @@ def compare_html(runs, path):
     labels = sorted({s['simulator_label'] for _, s in runs})
     page = (f'<!doctype html><meta charset="utf-8"><title>comparison</title><body style="font-family:sans-serif;'
             f'max-width:1100px;margin:auto"><h1>{html.escape(" vs ".join(n for n, _ in runs))}</h1>'
-            f'<p>simulator: {html.escape("; ".join(labels))}. Each bar is a run\'s mean score over layers (Pearson r '
-            f'x 100; at 6 layers and more without the last, as the paper), its line the 95% bootstrap interval over '
+            f'<p>simulator: {html.escape("; ".join(labels))}. Each bar is a run\'s mean score over layers ({UNITS}; '
+            f'at 6 layers and more without the last, as the paper), its line the 95% bootstrap interval over '
             f'neurons.</p><svg width="{w}" height="{h}">{shapes}</svg><div style="font-size:12px">{legend}</div>'
             f'<h2>Training</h2>' + lines_svg(loss, 'validation loss over iterations', (0, math.ceil(top)))
             + lines_svg(zero, "the neurons' zero fraction on the validation slice", (0, 1)) + '</body>')

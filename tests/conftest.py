@@ -144,7 +144,7 @@ class FakeLLM:
         self.faults = set()        # 429_once 500 malformed_once wrong_count no_logprobs no_schema auth vllm
         #                            sentencepiece no_system no_digit_some no_digit_many schema_500 too_long_once
         #                            weird_logprobs malformed_always not_json no_choices echo_indices contradict
-        #                            malformed_at_t0 serial long_explanation
+        #                            malformed_at_t0 serial long_explanation unrelated bad_labels
         self.serial = threading.Lock()
         self.prompts = []
         self.delay = 0.0
@@ -246,12 +246,20 @@ class FakeLLM:
             totals = {}
             for tok, v in re.findall(r'^(.*)\t(\d+)$', user.split('<start>', 1)[1], flags=re.M):
                 totals[tok] = totals.get(tok, 0) + int(v)
-            best = max(totals, key=lambda t: (totals[t], t))
+            best = '§' if 'unrelated' in self.faults else max(totals, key=lambda t: (totals[t], t))
             tail = ' and ' + 'very ' * 200_000 if 'long_explanation' in self.faults else ''
             return 200, self.completion_body('chat', f'the token "{best}"{tail}.', None)
         target = re.search(r'^Explanation: the main thing this neuron does is find the token "(.*)"', user, re.M).group(1)
         tokens = [json.loads(m) for m in re.findall(r'^\d+: (".*")$', user, flags=re.M)]
-        values = [10 if escape(t) == target else 0 for t in tokens]
+        if 'Reply with {"answers"' in user:              # detection: is the token in the excerpt; fuzzing: is every
+            fuzzing = 'marked tokens' in user            # marked span made of it
+            key = 'answers'
+            values = [int(all(s.replace(target, '') == '' for s in re.findall(r'<<(.*?)>>', escape(t)))) if fuzzing
+                      else int(target in escape(t)) for t in tokens]
+            if 'bad_labels' in self.faults:
+                values = values[1:] + [2]
+        else:
+            key, values = 'activations', [10 if escape(t) == target else 0 for t in tokens]
         if 'wrong_count' in self.faults:
             values.append(0)
         if self.once('malformed_once') or 'malformed_always' in self.faults or (
@@ -259,7 +267,7 @@ class FakeLLM:
             return 200, self.completion_body('chat', '{"activations": [1, 2', None)
         if 'echo_indices' in self.faults:                # the listing's indices, no brackets, no JSON
             return 200, self.completion_body('chat', ' '.join(str(i) for i in range(len(tokens))), None)
-        pieces, alts = ['{"activations": ['], [[]]
+        pieces, alts = ['{"' + key + '": ['], [[]]
         for i, v in enumerate(values):
             digits = self.number(str(v))
             pieces += digits

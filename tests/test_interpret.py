@@ -29,13 +29,12 @@ def test_planted_neuron_scores_one_and_dead_neuron_is_reported(val_dir, tmp_path
     _, _, (a,) = model(x, return_neurons=True)
     assert torch.equal(a[..., PLANT] > 0, x == TOKEN) and (a[..., DEAD] == 0).all()    # the plant works
     save(model, tmp_path / 'm', 3.21)
-    run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', *ARGS)
+    run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', *ARGS, '--scoring=simulation,detection,fuzzing')
     rows = neurons_of(tmp_path / 'm' / 'interp')
     assert len(rows) == 256
-    for method in ('top_and_random', 'random_only', 'anthropic'):
+    for method in ('top_and_random', 'random_only', 'anthropic', 'detection', 'fuzzing'):
         assert rows[DEAD]['scores'][method]['dead']
-    assert rows[PLANT]['scores']['top_and_random']['score'] == pytest.approx(1.0, abs=1e-9)
-    assert rows[PLANT]['scores']['anthropic']['score'] == pytest.approx(1.0, abs=1e-9)
+        assert rows[PLANT]['scores'][method]['score'] == pytest.approx(1.0, abs=1e-9)     # the baseline's, too
     summary = json.load(open(tmp_path / 'm' / 'interp' / 'summary.json'))
     assert summary['val_loss'] == 3.21 and summary['simulator_label'].startswith('token-lookup baseline')
     stats = summary['stats']['0']
@@ -47,7 +46,7 @@ def test_planted_neuron_scores_one_and_dead_neuron_is_reported(val_dir, tmp_path
     assert report.count('<details data-best=') == 256 and 'token-lookup baseline' in report
     assert all(f'neuron {n}:' in report for n in rows)
     # recording again with the same settings reuses the records
-    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', *ARGS)
+    p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', *ARGS, '--scoring=simulation,detection,fuzzing')
     assert 'using the records' in p.stdout and neurons_of(tmp_path / 'm' / 'interp') == rows
 
 
@@ -178,6 +177,29 @@ def test_scoring_sets_have_the_papers_sizes():
     rec = {'anthropic_tokens': toks, 'anthropic_acts': toks.astype(np.float32)}
     (t, a), = I.excerpts(rec, 'anthropic', ['ooc:25'], 0)
     assert t == [25 * 8 + 3, 25 * 8 + 4, 25 * 8 + 5]                     # the peak and one token each side
+
+
+def test_detection_excerpts_are_drawn_as_the_readme_says():
+    """Activating: a value that quantises to 1 or more (>= m / 10), one from each tenth (by peak) of the top excerpts
+    the explainer did not see and the random excerpts that activate; non-activating: random excerpts below m / 10
+    throughout; fewer than 5 of either kind: undefined."""
+    acts = np.zeros((1, 100, 64), dtype=np.float32)
+    acts[0, :50, 32] = 10 - 0.1 * np.arange(50)          # the top 50, peaks 10 down to 5.1
+    acts[0, 50:80] = 0.5                                  # 30 random excerpts that never reach m / 10 = 1
+    acts[0, 80:, 10] = np.linspace(1.0, 3.0, 20)          # 20 random excerpts that do
+    rec = {'openai_tokens': np.ones((1, 100, 64), dtype=np.int32), 'openai_acts': acts}
+    examples = I.classifier_examples(rec, 0, 10.0, np.random.default_rng(0))
+    peaks = {label: sorted(a.max() for _, a, l in examples if l == label) for label in (0, 1)}
+    assert len(peaks[0]) == len(peaks[1]) == 10 and peaks[0] == [0.5] * 10
+    assert peaks[1][0] < 1.5 and peaks[1][-1] > 9 and all(p >= 1 for p in peaks[1])   # from every quantile
+    assert [l for *_, l in examples] != [1] * 10 + [0] * 10                              # shuffled
+    acts[0, 54:80] = 2.0                                  # only 4 non-activating excerpts left
+    assert I.classifier_examples(rec, 0, 10.0, np.random.default_rng(0)) is None
+    marks = I.fuzzing_marks([([1] * 4, np.array([0.0, 1.0, 0.3, 0.2]), 1), ([1] * 4, np.zeros(4), 0)],
+                            np.random.default_rng(0))
+    assert marks[0].tolist() == [False, True, True, False] and marks[1].sum() == 2     # >= 0.3 of the peak; as many
+    ba, f1, auc = I.balanced_accuracy([1, 1, 0, 0, 0, 0], [(1, .9), (0, .4), (0, .2), (1, .6), (0, .1), (0, .1)])
+    assert ba == pytest.approx((1 / 2 + 3 / 4) / 2) and f1 == pytest.approx(0.5) and auc == pytest.approx(7 / 8)
 
 
 def test_quantize_and_pooled_pearson():

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,12 +99,59 @@ def test_fatal_errors_are_one_line_with_exit_code_2(ckpt, server, tmp_path, setu
     assert p.returncode == 2 and message in p.stderr and 'Traceback' not in p.stderr
 
 
-def test_dry_run_counts_the_requests(ckpt, server, tmp_path):
-    p = interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat', '--dry_run=True')
+def kind_of(body):
+    user = body['messages'][-1]['content']
+    return ('explanation' if 'Complete the sentence' in user else 'simulation' if '"answers"' not in user else
+            'fuzzing' if 'marked tokens' in user else 'detection')
+
+
+def test_dry_run_plans_each_kind_of_request(ckpt, server, tmp_path):
+    """--dry_run asks nothing, and plans what the run then asks: each kind's requests exactly, its prompt tokens within
+    5% (the dry run's explanation is a placeholder)."""
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    args = [LIVE, '--protocol=openai', '--simulator=chat', '--scoring=simulation,detection,fuzzing']
+    p = interpret(ckpt, server, tmp_path, *args, '--dry_run=True')
     assert server.requests == 0
-    planned = int(p.stdout.split('about ')[1].split(' requests')[0].replace(',', ''))
-    interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat')
-    assert planned == server.requests == 3 * (1 + 10)      # 3 live neurons: an explanation and 10 excerpts each
+    planned = {k: (int(r.replace(',', '')), int(t.replace(',', '')))
+               for k, r, t in re.findall(r'(\w+): ([\d,]+) requests, ([\d,]+) \+', p.stdout)}
+    interpret(ckpt, server, tmp_path, *args)
+    sent = {}
+    for _, b in server.prompts:
+        n = sum(len(enc.encode(m['content'], disallowed_special=())) + 4 for m in b['messages'])
+        r, t = sent.get(kind_of(b), (0, 0))
+        sent[kind_of(b)] = (r + 1, t + n)
+    assert {k: r for k, (r, _) in planned.items()} == {k: r for k, (r, _) in sent.items()}
+    assert sent['explanation'][0] == 3 and sent['simulation'][0] == 30    # 3 live neurons, 10 excerpts each
+    assert sent['detection'][0] == sent['fuzzing'][0] == 4                # the planted neuron's 20 excerpts, 5 a request
+    assert all(abs(planned[k][1] - t) < 0.05 * t for k, (_, t) in sent.items())
+
+
+@pytest.mark.parametrize('fault', [None, 'unrelated', 'bad_labels'])
+def test_detection_and_fuzzing(ckpt, server, tmp_path, fault):
+    """The planted neuron's explanation tells its excerpts and its marked tokens: balanced accuracy 1 (and AUC 1 from
+    the logprobs); an explanation unrelated to its tokens: 0.5; answers of the wrong length or not 0/1 fail the
+    score, counted, and never the run."""
+    server.faults = {fault} if fault else set()
+    p = interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat',
+                  '--scoring=detection,fuzzing', check=fault is None)
+    planted = neurons(tmp_path)[PLANT]
+    assert set(planted) == {'detection', 'fuzzing'} and 'Traceback' not in p.stderr
+    for kind, s in planted.items():
+        if fault is None:
+            assert s['score'] == s['f1'] == s['auc'] == 1.0 and s['examples'] == 20 and not s['hard']
+        elif fault == 'unrelated':
+            assert s['score'] == 0.5 and s['auc'] == 0.5
+        else:
+            assert s['failed'] and s['failure'] == kind and p.returncode == 1
+    asked = [b for _, b in server.prompts if kind_of(b) in ('detection', 'fuzzing')]
+    assert all(b['temperature'] == 0 or b['temperature'] == 1.0 and b['seed'] > 0 for b in asked)
+    sizes = [len(re.findall(r'^\d+: "', b['messages'][-1]['content'], re.M)) for b in asked]
+    assert set(sizes) == {5} and all(b['response_format']['json_schema']['schema']['properties']['answers']
+                                     ['maxItems'] == 5 for b in asked)
+    summary = (tmp_path / 'summary.md').read_text()
+    if fault is None:
+        assert '| 0 | detection | 100.00 [100.00, 100.00] |' in summary and 'balanced accuracy' in summary
 
 
 def test_interrupted_run_resumes_with_identical_results(ckpt, server, tmp_path):
@@ -153,11 +201,11 @@ def test_slow_server_times_out_and_a_rerun_finishes(ckpt, server, tmp_path):
 def test_prompts_have_the_papers_structure(ckpt, server, tmp_path):
     """One excerpt per simulator prompt, after a few-shot block that is the same in every request (first, so a
     server's prefix cache can keep it); the explainer sees few-shot explanations, at temperature 1 and 60 tokens."""
-    import interpret as I
+    import prompts as P
     interpret(ckpt, server, tmp_path / 'a', LIVE, '--simulator=all-at-once', '--protocol=openai')
     prompts = [b['prompt'] for _, b in server.prompts if 'prompt' in b]
-    head = prompts[0][:prompts[0].index(f'\nNeuron {len(I.FEW_SHOT) + 1}\n')]
-    assert all(p.startswith(head) for p in prompts) and all(e in head for e, _ in I.FEW_SHOT)
+    head = prompts[0][:prompts[0].index(f'\nNeuron {len(P.FEW_SHOT) + 1}\n')]
+    assert all(p.startswith(head) for p in prompts) and all(e in head for e, _ in P.FEW_SHOT)
     assert len(prompts) == 3 * 10                         # 3 live neurons x 10 scoring excerpts, one request each
     for p in prompts:
         test = p[len(head):]
@@ -166,23 +214,23 @@ def test_prompts_have_the_papers_structure(ckpt, server, tmp_path):
     chats = [b for _, b in server.prompts if 'messages' in b]
     explainer = [b for b in chats if 'Complete the sentence' in b['messages'][-1]['content']]
     assert all(b['temperature'] == 1.0 and b['max_tokens'] == 60 for b in explainer)
-    assert all(len(b['messages']) == 2 + 2 * len(I.FEW_SHOT) for b in explainer)     # system, few-shot pairs, ask
+    assert all(len(b['messages']) == 2 + 2 * len(P.FEW_SHOT) for b in explainer)     # system, few-shot pairs, ask
     server.prompts.clear()
     interpret(ckpt, server, tmp_path / 'c', LIVE, '--simulator=chat', '--protocol=openai')
     sims = [b['messages'] for p, b in server.prompts if 'Complete the sentence' not in b['messages'][-1]['content']]
     assert len(sims) == 30 and all(m[:-1] == sims[0][:-1] for m in sims)              # the same few-shot turns
-    assert all(m[-1]['content'].count('tokens:') == 1 for m in sims)
+    assert all(m[-1]['content'].count('Tokens:') == 1 for m in sims)
 
 
 def test_a_template_without_a_system_role_gets_the_instructions_in_the_first_turn(ckpt, server, tmp_path):
-    import interpret as I
+    import prompts as P
     server.faults = {'no_system'}
     interpret(ckpt, server, tmp_path, LIVE, '--simulator=chat', '--protocol=openai')
     assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
     sent = [b['messages'] for _, b in server.prompts]
     with_system = [m for m in sent if m[0]['role'] == 'system']
     assert len(with_system) == 2                           # the first request of each role, then never again
-    assert all(m[0]['role'] == 'user' and m[0]['content'].startswith(I.INSTRUCTIONS) for m in sent if m not in with_system)
+    assert all(m[0]['role'] == 'user' and m[0]['content'].startswith(P.INSTRUCTIONS) for m in sent if m not in with_system)
 
 
 @pytest.mark.parametrize('fault', ['no_digit_some', 'no_digit_many'])
@@ -243,12 +291,15 @@ def test_all_at_once_reads_ten_whichever_way_the_server_writes_it(server, tmp_pa
         assert llm.ten_split is bool(fault) and server.requests == requests        # a '1'-filled prompt for the 10s
 
 
-def test_clean_explanation_strips_a_pair_of_quotes_only():
-    import interpret as I
-    assert I.clean_explanation('the word "the"') == 'the word "the"'
-    assert I.clean_explanation('"names of flowers".') == 'names of flowers'
-    assert I.clean_explanation('the main thing this neuron does is find "x" and "y"') == '"x" and "y"'
-    assert I.clean_explanation('find dates\nmore') == 'dates' and len(I.clean_explanation('a' * 5000)) == 300
+def test_clean_explanation_strips_the_lead_in_and_a_pair_of_quotes_only():
+    from prompts import clean_explanation as clean
+    assert clean('the word "the"') == 'the word "the"' and clean('neurons of the eye') == 'neurons of the eye'
+    assert clean('"names of flowers".') == 'names of flowers'
+    assert clean('the main thing this neuron does is find "x" and "y"') == '"x" and "y"'
+    assert clean('find dates\nmore') == 'dates' and len(clean('a' * 5000)) == 300
+    for said in ('The neuron does is find dates', 'the neuron detects dates.', 'This neuron responds to dates',
+                 "the neuron's main job is to find dates", 'Neuron: dates'):   # what small models wrote
+        assert clean(said) == 'dates', said
 
 
 def simulator_formats(server):
@@ -265,8 +316,10 @@ def test_servers_as_they_are_run(ckpt, server, tmp_path, fault):
     planted = neurons(tmp_path)[PLANT]['top_and_random']
     assert planted['score'] == pytest.approx(1.0, abs=1e-6) and planted['hard'] is False
     formats = simulator_formats(server)
-    if fault == 'schema_500':      # the probe's 500s (the client's retries of one request), then JSON object
-        assert formats[:3] == ['json_schema'] * 3 and set(formats[3:]) == {'json_object'}
+    if fault == 'schema_500':      # the probe's one 500 (it goes without the client's retries), then JSON object
+        assert formats[:1] == ['json_schema'] and set(formats[1:]) == {'json_object'}
+        sent = [b['response_format'] for _, b in server.prompts if 'response_format' in b]
+        assert sent[-1]['schema']['properties']['activations']['maxItems'] > 1    # which llama-cpp-python enforces
     else:
         assert set(formats) == {'json_schema'}
 
@@ -309,18 +362,6 @@ def test_timeouts_lower_the_requests_in_flight(ckpt, server, tmp_path):
     server.delay = 0.0
     interpret(ckpt, server, tmp_path, *common)
     assert neurons(tmp_path)[PLANT]['top_and_random']['score'] == pytest.approx(1.0, abs=1e-6)
-
-
-def test_dry_run_counts_whole_prompts(ckpt, server, tmp_path):
-    import re
-
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
-    p = interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat', '--dry_run=True')
-    planned = int(re.search(r'([\d,]+) prompt tokens', p.stdout).group(1).replace(',', ''))
-    interpret(ckpt, server, tmp_path, LIVE, '--protocol=openai', '--simulator=chat')
-    sent = sum(len(enc.encode(m['content'], disallowed_special=())) + 4 for _, b in server.prompts for m in b['messages'])
-    assert abs(planned - sent) < 0.05 * sent                   # the dry run's explanation is a placeholder
 
 
 def test_small_things(ckpt, server, tmp_path):

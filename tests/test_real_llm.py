@@ -47,8 +47,8 @@ def server(tmp_path_factory):
 
 
 def test_a_real_model_answers_every_role(server, tmp_path):
-    """One neuron's explanation and one excerpt's simulation by each simulator, through llm.py against the real
-    server: every answer is either usable or a counted failure, never a crash."""
+    """One neuron's explanation, one excerpt's simulation by each simulator and one detection request, through llm.py
+    against the real server: every answer is either usable or a counted failure, never a crash."""
     import interpret as I
     from llm import LLM
     llm = LLM(str(tmp_path), server, 'smollm2', api_key='local', concurrency=1, timeout=300, bad_answer_retries=1)
@@ -61,13 +61,16 @@ def test_a_real_model_answers_every_role(server, tmp_path):
         explanation = await I.explain(llm, [(text, acts)], 1.0, decode)
         sims = [await simulate(llm, explanation or 'the word "the"', text)
                 for simulate in (I.simulate_chat, I.simulate_all_at_once)]
-        return explanation, sims
-    explanation, sims = asyncio.run(every_role())
+        five = [(text[i:i + 3], acts[i:i + 3], int(acts[i:i + 3].max() > 0)) for i in range(0, 15, 3)]
+        detected = await I.classify(llm, 'detection', explanation or 'the word "the"', five, [None] * 5, decode)
+        return explanation, sims, detected
+    explanation, sims, detected = asyncio.run(every_role())
     assert explanation is None or isinstance(explanation, str) and explanation.strip()
     for sim in sims:
         if sim is not None:                          # None: the answers could not be used, counted as failed
             assert len(sim.preds) == len(text)
             read = sim.preds[~np.isnan(sim.preds)]
             assert ((read >= 0) & (read <= 10)).all()
-    assert llm.requests >= 3
+    assert detected is None or len(detected) == 5 and all(a in (0, 1) for a, _ in detected)
+    assert llm.requests >= 4
     print(f"\nexplanation {explanation!r}; {llm.requests} requests in {time.time() - t0:.0f} s")
