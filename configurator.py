@@ -143,10 +143,10 @@ def peak_flops(device, dtype, peak_tflops=0.0):
 def held_run(out_dir, init_from, overwrite):
     """The files of an earlier run in out_dir that a fresh run would replace: refused unless overwrite is set."""
     held = [f for f in ('ckpt.pt', 'log.jsonl') if os.path.exists(os.path.join(out_dir, f))]
-    if init_from == 'scratch' and held and not overwrite:
+    if init_from != 'resume' and held and not overwrite:
         fail(f"{out_dir} already holds a run ({', '.join(held)}): continue it with --init_from=resume, train into "
              f"another --out_dir, or replace it with --overwrite=True")
-    return held if init_from == 'scratch' else []
+    return held if init_from != 'resume' else []
 
 
 def start_run_folder(out_dir, held, resume_iter=None):

@@ -40,14 +40,14 @@ from tqdm import tqdm
 from configurator import claim_folder, configure, fail, mixed_precision, pick_device, script_defaults, write_safely
 from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expected_from_logprobs, expected_value,
                  ten_after_one)
-from model import load_model, model_name
+from model import GPT2, load_model, model_name
 from prepare import PrepareError, gpt2_tokenizer
 from prompts import (chat_simulator_messages, classifier_messages, clean_explanation, copies_an_example,
                      explainer_messages, few_shot_slots, marked, parse_list, simulator_prompt)
 from report import compare, summarize, write_all
 
 # -----------------------------------------------------------------------------------------------------------
-ckpt = 'out'                 # checkpoint file or directory (ours or a released CRATE checkpoint)
+ckpt = 'out'                 # checkpoint file or directory, hf:OWNER/REPO[/FILE], or gpt2 ... gpt2-xl (OpenAI's)
 data = 'data/pile'           # folder holding val.bin (prepare.py)
 out = ''                     # default: <checkpoint folder>/interp
 layers = 'all'               # 'all' or a comma list, e.g. '0,2'
@@ -792,11 +792,14 @@ def main():
     model, stream, sizes, layer_ids, cols = setup(ckpt, data, seq_len, layers, neurons, protocol, n_openai,
                                                   n_anthropic, seed, dev)
     cfg, T, protocols = model.config, stream.shape[1], list(sizes)
-    folder = out or os.path.join(ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.', 'interp')
+    named = ckpt in GPT2 or ckpt.startswith('hf:')        # a hub name: its own out-<name> folder here
+    where = ckpt if os.path.isdir(ckpt) else os.path.dirname(ckpt) or '.'
+    folder = out or os.path.join('out-' + ckpt.removeprefix('hf:').replace('/', '--') if named else where, 'interp')
+    source = ckpt if named else os.path.abspath(ckpt)
     claim_folder(folder)                      # one run per folder, and one that can be written
 
     # 1. record, or reuse the records of an earlier run with the same settings
-    settings = {'ckpt': os.path.abspath(ckpt), 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
+    settings = {'ckpt': source, 'data': os.path.abspath(data), 'seq_len': T, 'seed': seed,
                 'excerpt_edges': excerpt_edges, 'n_openai': min(n_openai, len(stream)),
                 'n_anthropic': min(n_anthropic, len(stream)),
                 'layers': layer_ids, 'neurons': {str(l): cols[l] for l in layer_ids}, 'protocols': protocols}
@@ -853,10 +856,11 @@ def main():
     for (l, neuron), scores in sorted(done.items()):
         for m, sc in scores.items():
             per_method[m][l].append(sc)
-        defined = [sc['score'] for sc in scores.values() if sc['score'] is not None]
+        defined = ([sc['score'] for m, sc in scores.items() if sc['score'] is not None and m in SETS]   # simulation's,
+                   or [sc['score'] for sc in scores.values() if sc['score'] is not None])               # else any
         rows.append({'layer': l, 'neuron': neuron, 'scores': scores, 'best': max(defined) if defined else None})
     val_loss = model.val_loss
-    summary = {'ckpt': os.path.abspath(ckpt), 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
+    summary = {'ckpt': source, 'model_name': model_name(cfg), 'model': vars(cfg).copy(),
                'val_loss': None if val_loss is None else round(float(val_loss), 4), 'simulator': simulator,
                'simulator_label': label, 'settings': settings, 'unfinished': len(unfinished),
                'layer_ids': layer_ids, 'stats': {str(l): v for l, v in stats.items()},

@@ -12,6 +12,7 @@ GPT-2 is the same skeleton with MHA and a ReLU MLP (with its residual). `ModelCo
 The neurons we interpret are CRATE's sparse codes A_t and GPT-2's post-ReLU MLP hidden values.
 """
 
+import json
 import math
 import os
 import warnings
@@ -38,7 +39,7 @@ class ModelConfig:
     ista_steps: int = 2          # t
     ista_eta: float = 0.1        # step size eta
     ista_lambda: float = 0.1     # sparsity weight lambda
-    activation: str = 'relu'     # MLP only: 'relu' (the paper's baseline) or 'gelu'
+    activation: str = 'relu'     # MLP only: 'relu' (the paper's baseline), 'gelu', or 'gelu_tanh' (OpenAI's GPT-2)
     ista_checkpoint: bool = False  # recompute ISTA's codes in backward: less activation memory, one more pass
 
     def __post_init__(self):
@@ -50,7 +51,8 @@ class ModelConfig:
              f"ista_eta must be > 0 and ista_lambda >= 0, got {self.ista_eta} and {self.ista_lambda}"),
             (self.attn in ('mssa', 'mha'), f"attn must be 'mssa' or 'mha', got {self.attn!r}"),
             (self.ffn in ('ista', 'mlp'), f"ffn must be 'ista' or 'mlp', got {self.ffn!r}"),
-            (self.activation in ('relu', 'gelu'), f"activation must be 'relu' or 'gelu', got {self.activation!r}"),
+            (self.activation in ('relu', 'gelu', 'gelu_tanh'),
+             f"activation must be 'relu', 'gelu' or 'gelu_tanh', got {self.activation!r}"),
             (self.n_embd % max(1, self.n_head) == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"),
         ]
         for ok, msg in checks:
@@ -155,7 +157,7 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, cfg.hidden, bias=cfg.bias)
-        self.act = nn.ReLU() if cfg.activation == 'relu' else nn.GELU()
+        self.act = {'relu': nn.ReLU(), 'gelu': nn.GELU(), 'gelu_tanh': nn.GELU(approximate='tanh')}[cfg.activation]
         self.c_proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.scaled_init = True
         self.dropout = nn.Dropout(cfg.dropout)
@@ -291,6 +293,13 @@ RELEASED_NAMES = {'transformer.wte.': 'wte.', 'transformer.wpe.': 'wpe.', 'trans
 def read_checkpoint(path):
     """torch.load with weights_only=True (tensors and plain types only: reading a downloaded file never runs its
     code), as a dict with 'model' and 'model_args'. Every way a file can be wrong is a ValueError of one line."""
+    ckpt = read_tensors(path)
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ('model', 'model_args')):
+        raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'model' and 'model_args')")
+    return ckpt
+
+
+def read_tensors(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}: train one with `python train.py config/crate_1l.py` "
                                 f"or pass --ckpt=PATH")
@@ -306,9 +315,66 @@ def read_checkpoint(path):
                              f"loading it could run code (torch.load weights_only=True)")
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, or another kind of file): {first}")
-    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ('model', 'model_args')):
-        raise ValueError(f"{path} is not a model checkpoint (expected a dict with 'model' and 'model_args')")
     return ckpt
+
+
+def hub_file(name):
+    """hf:OWNER/REPO/FILE, or hf:OWNER/REPO for the repository's one .pt file: a local path, downloaded into the
+    Hugging Face hub's cache (with its progress bar) or, offline (HF_HUB_OFFLINE=1), found there."""
+    import huggingface_hub as hub
+    parts = name[3:].split('/')
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"{name}: write hf:OWNER/REPO (its one .pt file) or hf:OWNER/REPO/FILE")
+    repo, file = '/'.join(parts[:2]), '/'.join(parts[2:])
+    try:
+        if not file:
+            try:
+                files = hub.list_repo_files(repo)
+            except hub.errors.HfHubHTTPError:
+                raise                             # the hub answered: no such repository
+            except Exception:                     # offline or unreachable: the files the cache holds
+                root = hub.snapshot_download(repo, local_files_only=True)
+                files = [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs]
+            pts = sorted(f for f in files if f.endswith('.pt'))
+            if len(pts) != 1:
+                raise ValueError(f"{name} holds {len(pts)} .pt files{': ' if pts else ''}{', '.join(pts[:4])}; name "
+                                 f"one as hf:{repo}/FILE")
+            file = pts[0]
+        return hub.hf_hub_download(repo, file)
+    except hub.errors.LocalEntryNotFoundError:
+        raise ValueError(f"{name} is not in the hub cache ({hub.constants.HF_HUB_CACHE}) and the hub cannot be "
+                         f"reached: fetch it where there is a network (hf download {repo} {file}) and copy the cache")
+    except (hub.errors.RepositoryNotFoundError, hub.errors.EntryNotFoundError) as e:
+        raise ValueError(f"{name} is not on the hub ({type(e).__name__}): check the name")
+
+
+GPT2 = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')      # OpenAI's weights, on the hub as openai-community/NAME
+
+
+def from_gpt2(name):
+    """OpenAI's GPT-2 as a Transformer: its config and weights from the hub, Conv1D weights (in, out) transposed
+    into our Linear's (out, in), and GELU in its tanh form."""
+    with open(hub_file(f'hf:openai-community/{name}/config.json')) as f:
+        hf = json.load(f)
+    if hf.get('activation_function', 'gelu_new') != 'gelu_new':
+        raise ValueError(f"{name}: activation {hf['activation_function']!r}, where GPT-2's is gelu_new (tanh)")
+    d = hf['n_embd']
+    cfg = ModelConfig(attn='mha', ffn='mlp', n_layer=hf['n_layer'], n_head=hf['n_head'], n_embd=d,
+                      block_size=hf['n_positions'], vocab_size=hf['vocab_size'], bias=True,
+                      overcomplete=(hf.get('n_inner') or 4 * d) // d, activation='gelu_tanh')
+    sd = {}
+    for k, v in read_tensors(hub_file(f'hf:openai-community/{name}/pytorch_model.bin')).items():
+        k = k.removeprefix('transformer.')
+        if k.endswith(('.attn.bias', '.attn.masked_bias')) or k == 'lm_head.weight':
+            continue                              # causal-mask buffers, and the output layer tied to wte
+        if k.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight')):
+            v = v.t()
+        sd[('blocks.' + k[2:] if k.startswith('h.') else k).replace('.mlp.', '.ffn.')] = v
+    sd['lm_head.weight'] = sd.get('wte.weight')
+    model = Transformer(cfg)
+    check_state_dict(name, model, sd)
+    model.load_state_dict(sd)
+    return model
 
 
 def from_released(state_dict, model_args):
@@ -360,7 +426,14 @@ def check_state_dict(path, model, sd, name=lambda k: k):
 def load_model(path, device='cpu'):
     """A Transformer (or sae.py's SAEModel) from a checkpoint written by train.py or released by the paper's authors, in
     eval mode, with .val_loss the checkpoint's best validation loss if it has one. path: a .pt file or a directory
-    holding ckpt.pt. The format is told by the keys: transformer.* (released CRATE) or wte.weight (ours)."""
+    holding ckpt.pt, hf:OWNER/REPO[/FILE] on the Hugging Face hub, or OpenAI's GPT-2 by name (gpt2, gpt2-medium,
+    gpt2-large, gpt2-xl). The format is told by the keys: transformer.* (released CRATE) or wte.weight (ours)."""
+    if path in GPT2:
+        model = from_gpt2(path)
+        model.val_loss = None
+        return model.to(device).eval()
+    if path.startswith('hf:'):
+        path = hub_file(path)
     if os.path.isdir(path):
         path = os.path.join(path, 'ckpt.pt')
     ckpt = read_checkpoint(path)

@@ -16,7 +16,7 @@ from model import load_model, overwrite
 from prepare import PrepareError, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
-ckpt = 'out'                 # a checkpoint file or a directory holding ckpt.pt
+ckpt = 'out'                 # a checkpoint file or folder, hf:OWNER/REPO[/FILE], or gpt2 ... gpt2-xl (OpenAI's)
 start = '\n'                 # the prompt, or FILE:path to read it from a file
 num_samples = 3
 max_new_tokens = 200

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from configurator import (checkpoint_bytes, claim_folder, configure, fail, held_run, mixed_precision, peak_flops,
                           pick_device, release_folder, script_defaults, start_run_folder, write_safely)
-from model import ModelConfig, Transformer, check_state_dict, read_checkpoint
+from model import GPT2, ModelConfig, Transformer, check_state_dict, load_model, read_checkpoint
 from prepare import HUB
 
 # -----------------------------------------------------------------------------------------------------------
@@ -30,7 +30,8 @@ from prepare import HUB
 out_dir = 'out'
 data_dir = 'data'                  # token files are data_dir/dataset/{train,val}.bin (written by prepare.py)
 dataset = 'pile'
-init_from = 'scratch'              # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'              # 'scratch', 'resume' (from out_dir/ckpt.pt), or 'gpt2', 'gpt2-medium', 'gpt2-large',
+                                   # 'gpt2-xl' to fine-tune OpenAI's weights (from the Hugging Face hub)
 eval_interval = 1000
 eval_iters = 100                   # validation batches per eval, a fixed slice of val.bin (same every eval)
 log_interval = 10
@@ -74,6 +75,9 @@ compile = None                     # None: on for CUDA, off elsewhere
 backend = 'auto'                   # DDP backend: 'auto' is nccl on CUDA, gloo on CPU
 peak_tflops = 0.0                  # for MFU where the device is not known (CPU); 0 = detect or leave MFU out
 ista_checkpoint = False            # recompute ISTA's codes in the backward pass instead of keeping them
+wandb_log = False                  # also log to Weights & Biases (pip install wandb); log.jsonl is always written
+wandb_project = 'nanocrate'
+wandb_run_name = 'run'
 # -----------------------------------------------------------------------------------------------------------
 config = configure(script_defaults(globals()), sys.argv[1:])
 globals().update(config)
@@ -91,6 +95,13 @@ try:
     device = pick_device(device)
 except ValueError as e:
     fail(str(e))
+if init_from not in ('scratch', 'resume', *GPT2):
+    fail(f"init_from must be 'scratch', 'resume' or one of {', '.join(GPT2)}, got {init_from!r}")
+if wandb_log:
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb_log=True needs the wandb package: pip install wandb (or leave wandb_log off)")
 
 # distributed setup, detected from the environment torchrun sets
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -189,7 +200,7 @@ def estimate_loss():
         data = tokens(split)
         offsets = np.linspace(0, len(data) - block_size - 1, eval_iters * batch_size).astype(np.int64)
         total = torch.zeros(2, device=device, dtype=torch.float64)
-        active = torch.zeros(n_layer, model.config.hidden, device=device) if split == 'val' else None
+        active = torch.zeros(model.config.n_layer, model.config.hidden, device=device) if split == 'val' else None
         chunks = np.array_split(offsets, eval_iters)[rank::world_size]
         chunks = tqdm(chunks, desc=f"eval {split}", disable=not master, leave=False, file=sys.stderr, mininterval=2)
         for chunk in chunks:
@@ -242,13 +253,24 @@ if init_from == 'resume':
     if lacking:
         fail(f"{ckpt_path} lacks {', '.join(lacking)}: it is a model-only file (released, or copied), which "
              f"train.py cannot resume; train from scratch into another out_dir")
+    pretrained = checkpoint.get('pretrained')
+    if pretrained:                        # a fine-tuned GPT-2: its shape is OpenAI's, not the command line's
+        model_args = checkpoint['model_args']
     for k, v in checkpoint['model_args'].items():
         if k != 'ista_checkpoint' and model_args.get(k) != v:   # recomputing ISTA's codes is memory, not the model
             fail(f"resume: {k}={model_args.get(k)!r} here but {v!r} in {ckpt_path}; "
                  f"resume with the same model settings or use a new out_dir")
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-elif init_from != 'scratch':
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+else:
+    pretrained = init_from if init_from in GPT2 else None
+    if pretrained:
+        try:
+            gpt2 = load_model(pretrained)
+        except ValueError as e:
+            fail(str(e))
+        if block_size > gpt2.config.block_size:
+            fail(f"block_size={block_size}: {pretrained} was trained on at most {gpt2.config.block_size} tokens")
+        model_args = {**vars(gpt2.config), 'block_size': block_size, 'dropout': dropout}
 torch.manual_seed(seed)
 model = Transformer(ModelConfig(**model_args))
 if init_from == 'resume':
@@ -257,6 +279,8 @@ if init_from == 'resume':
     except ValueError as e:
         fail(str(e))
     model.load_state_dict(checkpoint['model'])
+elif pretrained:
+    model.load_state_dict({**gpt2.state_dict(), 'wpe.weight': gpt2.wpe.weight[:block_size]})
 model.to(device)
 vocab_limit = model.config.vocab_size
 meta_file = os.path.join(data_path, 'meta.json')
@@ -294,7 +318,8 @@ if ddp:
     runner = DDP(runner, device_ids=[local_rank] if device_type == 'cuda' else None)
 flops_per_iter = model.flops_per_token(block_size) * tokens_per_iter
 if master:
-    print(f"{model.get_num_params():,} parameters ({attn} + {ffn}, {n_layer} layers, d={n_embd}), "
+    c = model.config
+    print(f"{model.get_num_params():,} parameters ({c.attn} + {c.ffn}, {c.n_layer} layers, d={c.n_embd}), "
           f"{model.flops_per_token(block_size) / 1e6:.1f} MFLOPs per token"
           + ("" if peak else "; MFU not shown: the device's peak is unknown (set --peak_tflops)"))
 
@@ -322,10 +347,19 @@ if master:      # one run per out_dir, writable, with room for a checkpoint
     except SystemExit:
         ok = False
 agree(ok)
+wandb_id = checkpoint.get('wandb_id') if init_from == 'resume' else None
+if wandb_log and master:          # a resume continues the same wandb run
+    wandb_id = wandb.init(project=wandb_project, name=wandb_run_name, config=config, id=wandb_id, resume='allow').id
 
 
 def log(record):
-    """Append to log.jsonl; False (said in one line) when it cannot be written."""
+    """Append to log.jsonl (and send wandb the same numbers, each layer's sparsity as its own); False (said in one
+    line) when it cannot be written."""
+    if wandb_log:
+        flat = {k: v for k, v in record.items() if k != 'sparsity'}
+        for l, layer in enumerate(record.get('sparsity', [])):
+            flat.update({f'layer{l}/{k}': v for k, v in layer.items()})
+        wandb.log(flat, step=record['iter'])
     try:
         with open(log_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
@@ -350,7 +384,8 @@ def save_checkpoint(states):
     kill mid-write never leaves a broken ckpt.pt. False (said in one line) when it could not be written."""
     np_state = np.random.get_state()
     state = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'model_args': model_args,
-             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config,
+             'iter_num': iter_num, 'best_val_loss': best_val_loss, 'config': config, 'pretrained': pretrained,
+             'wandb_id': wandb_id,
              'rng': {'sampler': sampler.bit_generator.state, 'torch': [t for t, _ in states],
                      'cuda': [c for _, c in states], 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}}
     error = write_safely(ckpt_path, lambda tmp: torch.save(state, tmp))

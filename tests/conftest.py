@@ -51,9 +51,9 @@ def val_dir(tmp_path_factory):
     return d
 
 
-def run(script, *args, check=True, env=None, cmd=None, timeout=600):
+def run(script, *args, check=True, env=None, cmd=None, timeout=600, cwd=ROOT):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    p = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *args], cwd=ROOT,
+    p = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, script), *args], cwd=cwd,
                        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")

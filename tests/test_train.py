@@ -219,3 +219,45 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run_bit_for_bit(data_dir, 
     assert not (part / 'ckpt.pt.tmp').exists()
     for a, b in zip(load_model(str(full)).parameters(), load_model(str(part)).parameters()):
         assert torch.equal(a, b)
+
+
+WANDB = '''"""A stand-in for wandb: each call appended to $WANDB_CALLS as a JSON line."""
+import json, os
+def _write(call):
+    with open(os.environ['WANDB_CALLS'], 'a') as f:
+        f.write(json.dumps(call) + '\\n')
+class _Run:
+    def __init__(self, id):
+        self.id = id
+def init(project=None, name=None, config=None, id=None, resume=None):
+    _write({'init': {'project': project, 'name': name, 'id': id, 'resume': resume}})
+    return _Run(id or 'run-1')
+def log(data, step=None):
+    _write({'log': data, 'step': step})
+'''
+
+
+def test_wandb_logs_what_log_jsonl_holds_and_a_resume_continues_its_run(data_dir, tmp_path):
+    (tmp_path / 'stand-in').mkdir()
+    (tmp_path / 'stand-in' / 'wandb.py').write_text(WANDB)
+    env = {'PYTHONPATH': str(tmp_path / 'stand-in'), 'WANDB_CALLS': str(tmp_path / 'calls.jsonl')}
+    args = ['--eval_interval=2', '--wandb_log=True', '--wandb_project=p', '--wandb_run_name=r']
+    train(data_dir, tmp_path / 'run', '--max_iters=2', *args, env=env)
+    train(data_dir, tmp_path / 'run', '--max_iters=4', '--init_from=resume', *args, env=env)
+    calls = [json.loads(l) for l in open(tmp_path / 'calls.jsonl')]
+    inits = [c['init'] for c in calls if 'init' in c]
+    assert inits == [{'project': 'p', 'name': 'r', 'id': None, 'resume': 'allow'},
+                     {'project': 'p', 'name': 'r', 'id': 'run-1', 'resume': 'allow'}]     # the same run again
+    logged = [(c['step'], c['log']) for c in calls if 'log' in c]
+    want = []
+    for r in read_log(tmp_path / 'run'):
+        flat = {k: v for k, v in r.items() if k != 'sparsity'}
+        for l, layer in enumerate(r.get('sparsity', [])):
+            flat.update({f'layer{l}/{k}': v for k, v in layer.items()})
+        want.append((r['iter'], flat))
+    assert logged == want and any('layer1/zero_fraction' in d for _, d in logged)
+    (tmp_path / 'absent').mkdir()                                  # as if wandb were not installed
+    (tmp_path / 'absent' / 'wandb.py').write_text("raise ImportError('No module named wandb')")
+    p = train(data_dir, tmp_path / 'none', '--max_iters=2', '--wandb_log=True', check=False,
+              env={'PYTHONPATH': str(tmp_path / 'absent')})
+    assert p.returncode == 2 and 'pip install wandb' in p.stderr and not (tmp_path / 'none').exists()
