@@ -237,7 +237,7 @@ def write_report(folder, summary, neuron_rows, decode):
                  '<option>dead</option></select></p>')
     for l in summary['layer_ids']:
         parts.append(f'<h2>Layer {l}</h2><table><tr><th>method</th><th>mean</th><th>std</th><th>scored</th>'
-                     f'<th>undefined</th><th>dead</th><th>failed</th><th>hard</th><th>distribution of r</th></tr>')
+                     f'<th>undefined</th><th>dead</th><th>failed</th><th>hard</th><th>distribution of scores</th></tr>')
         for method, s in summary['methods'].items():
             v = s['layers'][str(l)]
             scores = [r['scores'][method]['score'] for r in neuron_rows if r['layer'] == l and method in r['scores']]
