@@ -606,7 +606,8 @@ async def classify(llm, kind, explanation, examples, marks, decode):
                 raise BadAnswer('not one 0 or 1 per excerpt')
             p = expected_from_logprobs(logprobs, len(batch)) if logprobs else None
             return list(zip(labels, p or [None] * len(batch)))
-        return await llm.ask('simulator', lambda system: classifier_messages(kind, explanation, batch, system), check,
+        role = 'simulator' if simulator == 'chat' else 'explainer'    # all-at-once's may be a base model, no chat
+        return await llm.ask(role, lambda system: classifier_messages(kind, explanation, batch, system), check,
                              schema=('answers', len(batch), 1), max_tokens=4 * len(batch) + 20, temperature=0)
     results = await asyncio.gather(*(ask(texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)))
     return None if any(r is None for r in results) else [a for r in results for a in r]

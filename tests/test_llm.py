@@ -115,6 +115,12 @@ def test_detection_and_fuzzing(ckpt, server, tmp_path, fault):
     summary = (tmp_path / 'summary.md').read_text()
     if fault is None:
         assert '| 0 | detection | 100.00 [100.00, 100.00] |' in summary and 'balanced accuracy' in summary
+        server.prompts.clear()        # all-at-once's simulator may be a base model: the chat questions go to the explainer
+        interpret(ckpt, server, tmp_path / 'b', LIVE, '--protocol=openai', '--simulator=all-at-once',
+                  '--scoring=detection')
+        assert neurons(tmp_path / 'b')[PLANT]['detection']['score'] == 1.0
+        assert {b['model'] for _, b in server.prompts if 'messages' in b and kind_of(b) == 'detection'} == {
+            'fake-explainer'}
 
 
 def test_interrupted_run_resumes_with_identical_results(ckpt, server, tmp_path):
