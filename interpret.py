@@ -38,12 +38,12 @@ import torch
 from tqdm import tqdm
 
 from configurator import claim_folder, configure, fail, mixed_precision, pick_device, script_defaults, write_safely
-from llm import (LLM, BadAnswer, LLMError, answer, at_offsets, digit_probs, expected_from_logprobs, expected_value,
-                 ten_after_one)
+from llm import LLM, BadAnswer, LLMError, answer, at_offsets
 from model import GPT2, load_model, model_name
 from prepare import PrepareError, gpt2_tokenizer
-from prompts import (chat_simulator_messages, classifier_messages, clean_explanation, copies_an_example,
-                     explainer_messages, few_shot_slots, marked, parse_list, simulator_prompt)
+from prompts import (chat_simulator_messages, classifier_messages, clean_explanation, copies_an_example, digit_probs,
+                     expected_from_logprobs, expected_value, explainer_messages, few_shot_slots, marked, parse_list,
+                     simulator_prompt, ten_after_one)
 from report import compare, summarize, write_all
 
 # -----------------------------------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ asked, not what they are.
   max_completion_tokens; whether its chat template takes a system turn; json_schema, json_object or plain text for
   the simulator's answer (llama.cpp's server answers json_schema with HTTP 500, so the first request goes without
   the client's retries; llama-cpp-python enforces a schema sent with json_object); chat logprobs or none.
-- Logprobs: a chat simulator's expected value per activation comes from its answer's top_logprobs
-  (expected_from_logprobs); the all-at-once simulator reads the prompt's own logprobs, from an echo (OpenAI's
-  legacy completions, llama.cpp) or vLLM's prompt_logprobs, aligned to the prompt by character offsets
-  (prompt_tokens). Where a tokenizer writes 10 as '1' then '0', the '1' is split by the next token's probabilities.
+- Logprobs: a chat answer's tokens come with their top_logprobs (answer), the all-at-once simulator's prompt with
+  its own, from an echo (OpenAI's legacy completions, llama.cpp) or vLLM's prompt_logprobs, aligned to the prompt
+  by character offsets (prompt_tokens); only finite alternatives <= 0 pass. prompts.py reads values from them.
 """
 
 import asyncio
@@ -53,72 +52,9 @@ def valid_alternatives(alts):
             and not isinstance(lp, bool) and math.isfinite(lp) and lp <= 1e-6}
 
 
-VALUES = {str(v) for v in range(11)}
-
-
-def digit_probs(alts):
-    """{value: probability} of the alternatives that read as a value 0-10 ('10' only where it is one token)."""
-    probs = {}
-    for tok, lp in alts.items():
-        s = tok.strip()
-        if s in VALUES:
-            probs[int(s)] = probs.get(int(s), 0.0) + math.exp(lp)
-    return probs
-
-
-def expected_value(probs, ten_given_one=0.0):
-    """E[value] over the digit alternatives, renormalised. Where the server writes 10 as '1' then '0', the mass of
-    '1' is 1 or 10: ten_given_one = P('0' next | '1') splits it (1 p + 9 p q adds the 10s)."""
-    total = sum(probs.values())
-    if not total:
-        return None
-    ev = sum(v * p for v, p in probs.items()) / total
-    return ev + 9 * probs.get(1, 0.0) / total * ten_given_one
-
-
-def ten_after_one(alts):
-    """P(the value goes on with '0' | it began with '1'), from the alternatives of the token after the '1': '0'
-    against an ending (newline, comma, bracket, space)."""
-    zero = sum(math.exp(lp) for t, lp in alts.items() if t.startswith('0'))
-    end = sum(math.exp(lp) for t, lp in alts.items() if not t.strip() or t.strip()[0] in ',]}\n')
-    return zero / (zero + end) if zero + end else 0.0
-
-
-def expected_from_logprobs(content, n):
-    """Each activation's expected value from a chat answer's tokens with top_logprobs, or None when they do not
-    line up with n numbers. A value's first token gives the digit distribution; where 10 is written as two tokens
-    and the answer wrote '1' then a digit, the next token's alternatives tell 10 from 1 (elsewhere '1' reads 1)."""
-    if not content:
-        return None
-    text, values, prev_digit, pending = '', [], False, None
-    for tok in content:
-        tok = tok if isinstance(tok, dict) else {}
-        piece = tok.get('token') if isinstance(tok.get('token'), str) else ''
-        inside = '[' in text
-        digits = piece.strip(' ,[]\n')
-        alts = valid_alternatives(tok.get('top_logprobs') or [])
-        if pending is not None:       # the token after a value's first token '1'
-            probs = pending
-            q = ten_after_one(alts) if alts else float(piece.startswith('0'))
-            values[-1] = expected_value(probs, q if 10 not in probs else 0.0)
-            pending = None
-        if inside and digits.isdigit() and not prev_digit:
-            alts = alts or {piece: 0.0}
-            probs = digit_probs(alts)
-            if not probs:
-                probs = {int(digits): 1.0} if digits in VALUES else {}
-            values.append(expected_value(probs))
-            if digits == '1' and not piece.rstrip().endswith(','):
-                pending = probs
-        prev_digit = inside and digits.isdigit() and not piece.rstrip().endswith(',')
-        text += piece
-        if inside and ']' in piece:
-            break
-    return values if len(values) == n and all(v is not None for v in values) else None
-
-
 def answer(r):
-    """The text of a chat answer and its tokens' logprobs (None where the server sent none)."""
+    """The text of a chat answer and its tokens, each with its valid alternatives {token: logprob} (None where the
+    server sent no logprobs)."""
     try:
         choice = r['choices'][0]
         text = choice['message'].get('content')
@@ -126,9 +62,12 @@ def answer(r):
         raise BadAnswer('no message in the answer')
     logprobs = choice.get('logprobs')
     content = logprobs.get('content') if isinstance(logprobs, dict) else None
-    if content and (not isinstance(content, list) or ''.join(str((c or {}).get('token', '')) for c in content) != text):
+    if not content:
+        return text, None
+    if not isinstance(content, list) or not all(isinstance(c, dict) for c in content) or ''.join(
+            str(c.get('token', '')) for c in content) != text:
         raise BadAnswer('the logprobs do not spell the answer')
-    return text, content or None
+    return text, [(str(c.get('token', '')), valid_alternatives(c.get('top_logprobs') or [])) for c in content]
 
 
 def prompt_tokens(choice, prompt):

@@ -1,5 +1,6 @@
 """
-The text the LLM reads, and how its answers are read: interpret.py says what it asks and when, llm.py how.
+The text the LLM reads, and how its answers are read (JSON lists, and values from logprobs): interpret.py says what
+it asks and when, llm.py how.
 
 The explainer and the simulators follow the structure of OpenAI's automated-interpretability as the paper ran it
 (instructions, a fixed block of few-shot example neurons, then the neuron under test); detection and fuzzing follow
@@ -9,6 +10,7 @@ can reuse it. Counts are never written where a small model could copy them as va
 """
 
 import json
+import math
 import re
 
 EXPLANATION_PREFIX = 'the main thing this neuron does is find'
@@ -218,3 +220,67 @@ def parse_list(text, key, n, top):
     ok = (isinstance(values, list) and len(values) == n
           and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= top for v in values))
     return values if ok else None
+
+
+# --- values from logprobs: the chat answer's tokens (llm.answer) or the echoed prompt's (llm.prompt_tokens) ----------
+
+VALUES = {str(v) for v in range(11)}
+
+
+def digit_probs(alts):
+    """{value: probability} of the alternatives that read as a value 0-10 ('10' only where it is one token)."""
+    probs = {}
+    for tok, lp in alts.items():
+        s = tok.strip()
+        if s in VALUES:
+            probs[int(s)] = probs.get(int(s), 0.0) + math.exp(lp)
+    return probs
+
+
+def expected_value(probs, ten_given_one=0.0):
+    """E[value] over the digit alternatives, renormalised. Where the server writes 10 as '1' then '0', the mass of
+    '1' is 1 or 10: ten_given_one = P('0' next | '1') splits it (1 p + 9 p q adds the 10s)."""
+    total = sum(probs.values())
+    if not total:
+        return None
+    ev = sum(v * p for v, p in probs.items()) / total
+    return ev + 9 * probs.get(1, 0.0) / total * ten_given_one
+
+
+def ten_after_one(alts):
+    """P(the value goes on with '0' | it began with '1'), from the alternatives of the token after the '1': '0'
+    against an ending (newline, comma, bracket, space)."""
+    zero = sum(math.exp(lp) for t, lp in alts.items() if t.startswith('0'))
+    end = sum(math.exp(lp) for t, lp in alts.items() if not t.strip() or t.strip()[0] in ',]}\n')
+    return zero / (zero + end) if zero + end else 0.0
+
+
+def expected_from_logprobs(tokens, n):
+    """Each value's expected value from a chat answer's [(token, {alternative: logprob})] (llm.answer), or None
+    when they do not line up with n numbers. A value's first token gives the digit distribution; where 10 is
+    written as two tokens and the answer wrote '1' then a digit, the next token's alternatives tell 10 from 1
+    (elsewhere '1' reads 1)."""
+    if not tokens:
+        return None
+    text, values, prev_digit, pending = '', [], False, None
+    for piece, alts in tokens:
+        inside = '[' in text
+        digits = piece.strip(' ,[]\n')
+        if pending is not None:       # the token after a value's first token '1'
+            probs = pending
+            q = ten_after_one(alts) if alts else float(piece.startswith('0'))
+            values[-1] = expected_value(probs, q if 10 not in probs else 0.0)
+            pending = None
+        if inside and digits.isdigit() and not prev_digit:
+            alts = alts or {piece: 0.0}
+            probs = digit_probs(alts)
+            if not probs:
+                probs = {int(digits): 1.0} if digits in VALUES else {}
+            values.append(expected_value(probs))
+            if digits == '1' and not piece.rstrip().endswith(','):
+                pending = probs
+        prev_digit = inside and digits.isdigit() and not piece.rstrip().endswith(',')
+        text += piece
+        if inside and ']' in piece:
+            break
+    return values if len(values) == n and all(v is not None for v in values) else None

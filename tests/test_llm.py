@@ -231,8 +231,11 @@ def sentencepiece_answer(values):
                                                                           {'token': ',', 'logprob': -5.0}]})
         if i < len(values) - 1:
             content.append({'token': ', ', 'logprob': 0.0, 'top_logprobs': []})
-    return [{'token': '{"activations": [', 'logprob': 0.0, 'top_logprobs': []}] + content + \
+    content = [{'token': '{"activations": [', 'logprob': 0.0, 'top_logprobs': []}] + content + \
         [{'token': ']}', 'logprob': 0.0, 'top_logprobs': []}]
+    from llm import answer
+    text = ''.join(c['token'] for c in content)
+    return answer({'choices': [{'message': {'content': text}, 'logprobs': {'content': content}}]})[1]
 
 
 def test_ten_as_two_tokens_reads_as_ten():
