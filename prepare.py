@@ -257,6 +257,39 @@ def tokenize_into(docs, route, budgets, out_dir, num_proc, counts):
     return nbytes
 
 
+def check_token_files(data_path, block_size, vocab_size=None):
+    """What is wrong, in one line (None: nothing), with data_path's train.bin and val.bin for a model of this block
+    size and vocabulary: missing, not whole uint16 tokens, too short, or (given vocab_size) an id beyond the
+    vocabulary (the vocabulary prepare.py names in meta.json, else found by a scan)."""
+    parent, name = os.path.split(os.path.normpath(data_path))
+    where = '' if os.path.normpath(parent) == 'data' else f" --out_dir={data_path}"
+    for split in ('train', 'val'):
+        f = os.path.join(data_path, f'{split}.bin')
+        if not os.path.exists(f):
+            make = f"--dataset={name}" if name in HUB else f"--files='docs/*.txt' --name={name}"
+            return f"{f} not found: make it with `python prepare.py {make}{where}`"
+        size = os.path.getsize(f)
+        if size % 2:
+            return f"{f} has an odd number of bytes ({size:,}), so it is not a file of uint16 tokens; remake it"
+        if size // 2 < block_size + 2:
+            return (f"{f} holds {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}; prepare more "
+                    f"data or lower block_size")
+    meta = os.path.join(data_path, 'meta.json')
+    if vocab_size is None:
+        return None
+    if os.path.exists(meta):
+        with open(meta) as f:
+            found = [(meta, json.load(f).get('vocab_size', 1) - 1)]
+    else:
+        data = [np.memmap(os.path.join(data_path, f'{s}.bin'), dtype=np.uint16, mode='r') for s in ('train', 'val')]
+        found = [(d.filename, max(int(d[i:i + 2**24].max()) for i in range(0, len(d), 2**24))) for d in data]
+    for f, largest in found:
+        if largest >= vocab_size:
+            return (f"{f} holds token id {largest} but the model's vocabulary is {vocab_size} (vocab_size); "
+                    f"tokenize the data with prepare.py (GPT-2 ids, below 50257) or raise vocab_size")
+    return None
+
+
 def prepare(args, hub_docs=hub_documents):
     """Make the output folder's train.bin, val.bin and meta.json; hub_docs(name, split) yields texts."""
     name = args.name or ('local' if args.files else args.dataset)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from configurator import (checkpoint_bytes, claim_folder, configure, fail, held_run, mixed_precision, pick_device,
                           script_defaults, start_run_folder, write_safely)
 from model import load_model, model_name, read_checkpoint
+from prepare import check_token_files
 
 # -----------------------------------------------------------------------------------------------------------
 out_dir = 'out-sae'
@@ -187,10 +188,8 @@ def check_options():
         fail(f"buffer={buffer} holds fewer activations than one step takes ({batch_size * block_size}); raise it")
     if init_from not in ('scratch', 'resume'):
         fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-    for split in ('train', 'val'):
-        f = os.path.join(data_dir, dataset, f'{split}.bin')
-        if not os.path.exists(f):
-            fail(f"{f} not found: make it with prepare.py (the base model's data)")
+    if error := check_token_files(os.path.join(data_dir, dataset), block_size):   # the ids once the base is loaded
+        fail(error)
     try:
         return sorted(int(t) for t in resample_at.split(',') if t.strip())
     except ValueError:
@@ -318,6 +317,8 @@ def main():
         fail(str(e))
     if not 0 <= layer < base_model.config.n_layer:
         fail(f"layer={layer}: the base model has layers 0..{base_model.config.n_layer - 1}")
+    if error := check_token_files(os.path.join(data_dir, dataset), block_size, base_model.config.vocab_size):
+        fail(error)
     autocast = mixed_precision(dev, dtype)
     torch.manual_seed(seed)
     model = SAEModel(base_model, layer, expansion * base_model.config.hidden, l1).to(dev)

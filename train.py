@@ -23,7 +23,7 @@ from tqdm import tqdm
 from configurator import (checkpoint_bytes, claim_folder, configure, fail, held_run, mixed_precision, peak_flops,
                           pick_device, release_folder, script_defaults, start_run_folder, write_safely)
 from model import GPT2, ModelConfig, Transformer, check_state_dict, load_model, read_checkpoint
-from prepare import HUB
+from prepare import check_token_files
 
 # -----------------------------------------------------------------------------------------------------------
 # defaults: the paper's recipe (the Pile, context 1024, ~0.5M tokens a step, AdamW, cosine schedule)
@@ -141,20 +141,8 @@ if master:
 # same way, each rank taking its own micro-steps of the global batch, so N processes see exactly the
 # batches one process with N times the accumulation would, and the generator's state resumes exactly.
 data_path = os.path.join(data_dir, dataset)
-for split in ('train', 'val'):
-    f = os.path.join(data_path, f'{split}.bin')
-    if not os.path.exists(f):
-        where = '' if data_dir == 'data' else f" --out_dir={data_path}"
-        make = (f"python prepare.py --dataset={dataset}{where}" if dataset in HUB else
-                f"python prepare.py --files='docs/*.txt' --name={dataset}{where}")
-        fail(f"{f} not found: make it with `{make}`")
-    size = os.path.getsize(f)
-    if size % 2:
-        fail(f"{f} has an odd number of bytes ({size:,}), so it is not a file of uint16 tokens; remake it with "
-             f"prepare.py")
-    if size // 2 < block_size + 2:
-        fail(f"{f} holds {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}; prepare more data or lower "
-             f"block_size")
+if error := check_token_files(data_path, block_size):      # the files now; their ids once the model is known
+    fail(error)
 sampler = np.random.default_rng(seed)
 
 
@@ -166,12 +154,6 @@ def to_device(x, y):
     if device_type == 'cuda':
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
-
-
-def check_tokens(f, largest):
-    if largest >= vocab_limit:
-        fail(f"{f} holds token id {largest} but the model's vocabulary is {vocab_limit} (vocab_size); tokenize the "
-             f"data with prepare.py (GPT-2 ids, below 50257) or raise vocab_size")
 
 
 def batch_at(data, offsets):
@@ -282,15 +264,8 @@ if init_from == 'resume':
 elif pretrained:
     model.load_state_dict({**gpt2.state_dict(), 'wpe.weight': gpt2.wpe.weight[:block_size]})
 model.to(device)
-vocab_limit = model.config.vocab_size
-meta_file = os.path.join(data_path, 'meta.json')
-if os.path.exists(meta_file):     # before any batch: prepare.py's files name their vocabulary, others are scanned
-    with open(meta_file) as fh:
-        check_tokens(meta_file, json.load(fh).get('vocab_size', 1) - 1)
-else:
-    for split in ('train', 'val'):
-        data = tokens(split)
-        check_tokens(data.filename, max(int(data[i:i + 2**24].max()) for i in range(0, len(data), 2**24)))
+if error := check_token_files(data_path, block_size, model.config.vocab_size):    # before anything is written
+    fail(error)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == 'resume':
