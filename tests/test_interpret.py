@@ -338,11 +338,16 @@ def test_errors(val_dir, tmp_path):
     save(planted_model(), tmp_path / 'm', 1.0)
     p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={tmp_path}', check=False)
     assert p.returncode == 2 and 'val.bin not found' in p.stderr
-    for arg, message in (('--layers=3', "--layers=3: give 'all' or layer numbers 0..0 separated by commas"),
-                         ('--layers=x', "--layers=x: give 'all' or layer numbers 0..0"),
-                         ('--neurons=abc', "--neurons=abc: give 'all', neuron numbers 0..255 separated by commas"),
-                         ('--neurons=256', '--neurons=256: give'), ('--neurons=random:0', 'write random:K with K from 1'),
-                         ('--neurons=random:x', 'write random:K'), ('--n_openai=0', '--n_openai=0 must be at least 1'),
+    for layers, neurons, message in (('3', 'all', "--layers=3: give 'all' or layer numbers 0..0 separated by commas"),
+                                     ('x', 'all', "--layers=x: give 'all' or layer numbers 0..0"),
+                                     ('all', 'abc', "--neurons=abc: give 'all', neuron numbers 0..255 separated by"),
+                                     ('all', '256', '--neurons=256: give'),
+                                     ('all', 'random:0', 'write random:K with K from 1'),
+                                     ('all', 'random:x', 'write random:K')):
+        with pytest.raises(I.InterpretError) as e:
+            I.pick_neurons(planted_model().config, layers, neurons, 0)
+        assert message in str(e.value) and '\n' not in str(e.value)
+    for arg, message in (('--n_openai=0', '--n_openai=0 must be at least 1'),     # the script's way: one line, exit 2
                          ('--device=cuda:99' if torch.cuda.is_available() else '--device=cuda', 'GPU')):
         p = run('interpret.py', f'--ckpt={tmp_path / "m"}', f'--data={val_dir}', arg, check=False)
         assert p.returncode == 2 and message in p.stderr and p.stderr.count('\n') == 1, p.stderr
