@@ -8,6 +8,8 @@ How interpretable are a model's neurons? The automated explain -> simulate -> sc
    for each selected neuron, the excerpts of each protocol with its activation on every token.
 2. Explain each neuron from its explanation set, simulate its activations on the scoring set from that
    explanation, and score the simulation: the Pearson correlation with the true activations, pooled over tokens.
+   --scoring=detection,fuzzing scores the explanation by 0/1 answers instead (or as well): which excerpts activate
+   the neuron, and whether marked tokens are the ones it fires on (balanced accuracy).
 3. Report: neurons.jsonl, summary.json, summary.md and report.html in <out> (written by report.py).
 
 Protocols (record indices within a neuron's excerpts):
