@@ -629,14 +629,15 @@ def balanced_accuracy(labels, answers):
     """The mean of the rates of right answers on activating and on non-activating excerpts (0.5: chance, whatever
     the mix), with F1 and, where every answer has a P(1), the AUC (the chance an activating excerpt gets the higher)."""
     y, a = np.array(labels), np.array([x for x, _ in answers])
+    true_positive_rate, true_negative_rate = (a[y == 1] == 1).mean(), (a[y == 0] == 0).mean()
     tp, fp, fn = int(((a == 1) & (y == 1)).sum()), int(((a == 1) & (y == 0)).sum()), int(((a == 0) & (y == 1)).sum())
-    ba = ((a == y)[y == 1].mean() + (a == y)[y == 0].mean()) / 2
     auc = None
     if all(p is not None for _, p in answers):
         p = np.array([p for _, p in answers])
         pos, neg = p[y == 1][:, None], p[y == 0][None, :]
         auc = float(((pos > neg) + 0.5 * (pos == neg)).mean())
-    return float(ba), 2 * tp / (2 * tp + fp + fn) if tp else 0.0, auc
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return float(true_positive_rate + true_negative_rate) / 2, f1, auc
 
 
 def failed(m, explanation, why):
@@ -666,8 +667,9 @@ async def score_by_classifying(llm, rec, n, kind, explanation, m, decode, key):
     examples = classifier_examples(rec, n, m, np.random.default_rng([seed, 4, *key]))
     if examples is None:
         return {'dead': False, 'score': None, 'undefined': True, 'max_act': m, 'explanation': str(explanation)}
-    marks = fuzzing_marks(examples, np.random.default_rng([seed, 5, *key])) if kind == 'fuzzing' else [None] * len(
-        examples)
+    marks = [None] * len(examples)
+    if kind == 'fuzzing':
+        marks = fuzzing_marks(examples, np.random.default_rng([seed, 5, *key]))
     answers = await classify(llm, kind, explanation, examples, marks, decode)
     if answers is None:
         return failed(m, explanation, kind)
