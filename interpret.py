@@ -490,12 +490,23 @@ class Simulation(NamedTuple):
     no_digit: int = 0
 
 
+def explanation_set(rec, protocol, n):
+    """Neuron row n's explanation excerpts under a protocol, and their largest activation m (not > 0: dead)."""
+    expl = excerpts(rec, protocol, SETS[METHODS[protocol][0]][1], n)
+    return expl, max(float(a.max()) if len(a) else 0.0 for _, a in expl)
+
+
+def as_shown(expl, m, decode):
+    """Excerpts as the explainer sees them: token texts and 0-10 values."""
+    return [([decode([t]) for t in toks], quantize(a, m).tolist()) for toks, a in expl]
+
+
 async def explain(llm, expl, m, decode):
     """An explanation of a neuron from its explanation excerpts (m: their largest activation); None if the LLM gave
     no usable one. llm None: the token lookup's table."""
     if llm is None:
         return token_table(expl, m, decode)
-    shown = [([decode([t]) for t in toks], quantize(a, m).tolist()) for toks, a in expl]
+    shown = as_shown(expl, m, decode)
 
     def check(r):
         text = clean_explanation(answer(r)[0])
@@ -579,6 +590,22 @@ def classifier_examples(rec, n, m, rng):
     return [(*items[i], int(peak[i] >= 1)) for i in rng.permutation(picked)]
 
 
+def classifier_inputs(kind, rec, n, m, key):
+    """A neuron's excerpts for detection or fuzzing and the tokens marked in each (none for detection), seeded by
+    key = (layer, neuron); None where the neuron has too few of either kind."""
+    examples = classifier_examples(rec, n, m, np.random.default_rng([seed, 4, *key]))
+    if examples is None:
+        return None
+    if kind == 'detection':
+        return examples, [np.zeros(len(a), dtype=bool) for _, a, _ in examples]
+    return examples, fuzzing_marks(examples, np.random.default_rng([seed, 5, *key]))
+
+
+def excerpt_texts(examples, marks, decode):
+    """The excerpts as detection and fuzzing show them: their text, marked tokens inside <<...>>."""
+    return [marked([decode([t]) for t in toks], mk) for (toks, _, _), mk in zip(examples, marks)]
+
+
 def fuzzing_marks(examples, rng):
     """The tokens fuzzing marks in each excerpt: in an activating one those at MARK of its largest value or more; in a
     non-activating one as many random tokens as an activating excerpt has marked on average (rounded up)."""
@@ -597,8 +624,7 @@ async def classify(llm, kind, explanation, examples, marks, decode):
     if llm is None:
         look = [np.array([explanation.get(t, 0.0) for t in toks]) for toks, _, _ in examples]
         return [(int((v.max() if kind == 'detection' else v[mk].mean()) >= 1), None) for v, mk in zip(look, marks)]
-    texts = [''.join(decode([t]) for t in toks) if kind == 'detection' else marked([decode([t]) for t in toks], mk)
-             for (toks, _, _), mk in zip(examples, marks)]
+    texts = excerpt_texts(examples, marks, decode)
 
     async def ask(batch):
         def check(r):
@@ -664,12 +690,10 @@ async def score_by_simulation(llm, rec, n, protocol, method, explanation, m, dec
 
 
 async def score_by_classifying(llm, rec, n, kind, explanation, m, decode, key):
-    examples = classifier_examples(rec, n, m, np.random.default_rng([seed, 4, *key]))
-    if examples is None:
+    drawn = classifier_inputs(kind, rec, n, m, key)
+    if drawn is None:
         return {'dead': False, 'score': None, 'undefined': True, 'max_act': m, 'explanation': str(explanation)}
-    marks = [None] * len(examples)
-    if kind == 'fuzzing':
-        marks = fuzzing_marks(examples, np.random.default_rng([seed, 5, *key]))
+    examples, marks = drawn
     answers = await classify(llm, kind, explanation, examples, marks, decode)
     if answers is None:
         return failed(m, explanation, kind)
@@ -681,8 +705,7 @@ async def score_by_classifying(llm, rec, n, kind, explanation, m, decode, key):
 async def score_neuron(rec, n, protocol, decode, llm, key):
     """Explain one neuron from a protocol's explanation set, then score the explanation by every method of that
     protocol, with the LLM (None: the token lookup). key: (layer, neuron), which seeds detection's draws."""
-    expl = excerpts(rec, protocol, SETS[METHODS[protocol][0]][1], n)
-    m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
+    expl, m = explanation_set(rec, protocol, n)
     if not m > 0:
         return {method: {'dead': True, 'score': None, 'explanation': None} for method in methods_of(protocol)}
     explanation = await explain(llm, expl, m, decode)
@@ -756,12 +779,10 @@ def estimate(todo, recs, protocols, decode, count, simulator, explainer_max_toke
 
     for l, n, neuron in todo:
         for p in protocols:
-            expl = excerpts(recs[l], p, SETS[METHODS[p][0]][1], n)
-            m = max(float(a.max()) if len(a) else 0.0 for _, a in expl)
+            expl, m = explanation_set(recs[l], p, n)
             if not m > 0:
                 continue
-            add('explanation', explainer_messages([([decode([t]) for t in toks], quantize(a, m).tolist())
-                                                   for toks, a in expl]), explainer_max_tokens)
+            add('explanation', explainer_messages(as_shown(expl, m, decode)), explainer_max_tokens)
             if 'simulation' in scoring:
                 for toks, _ in excerpts(recs[l], p, SETS[METHODS[p][0]][2], n):   # random_only's are among these
                     tokens = [decode([t]) for t in toks]
@@ -769,9 +790,9 @@ def estimate(todo, recs, protocols, decode, count, simulator, explainer_max_toke
                         add('simulation', simulator_prompt(placeholder, tokens)[0], 1)
                     else:
                         add('simulation', chat_simulator_messages(placeholder, tokens), 8 * len(tokens) + 40)
-            examples = classifier_examples(recs[l], n, m, np.random.default_rng([seed, 4, l, neuron]))
-            for kind in (k for k in ('detection', 'fuzzing') if k in methods_of(p) and examples):
-                texts = [marked([decode([t]) for t in toks], [False] * len(toks)) for toks, _, _ in examples]
+            for kind in (k for k in ('detection', 'fuzzing') if k in methods_of(p)):
+                drawn = classifier_inputs(kind, recs[l], n, m, (l, neuron))
+                texts = excerpt_texts(*drawn, decode) if drawn else []
                 for i in range(0, len(texts), BATCH):
                     add(kind, classifier_messages(kind, placeholder, texts[i:i + BATCH]), 4 * BATCH + 20)
     lines = [f"dry run: {len(todo)} neurons; requests, prompt tokens and completion tokens at most (GPT-2 tokens):"]

@@ -274,9 +274,9 @@ def check_token_files(data_path, block_size, vocab_size=None):
         if size // 2 < block_size + 2:
             return (f"{f} holds {size // 2} tokens, fewer than block_size + 2 = {block_size + 2}; prepare more "
                     f"data or lower block_size")
-    meta = os.path.join(data_path, 'meta.json')
     if vocab_size is None:
         return None
+    meta = os.path.join(data_path, 'meta.json')
     if os.path.exists(meta):
         with open(meta) as f:
             found = [(meta, json.load(f).get('vocab_size', 1) - 1)]
