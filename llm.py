@@ -27,9 +27,11 @@ import sys
 
 
 def list_schema(key, n, top):
-    """The JSON schema of {key: [n integers from 0 to top]}."""
+    """The JSON schema of {key: [n integers from 0 to top]}. The values are also an enum: llama-cpp-python's grammar
+    enforces an enum, not minimum and maximum (SmolLM2 answered detection with [1, 0, 2, 3, 4] without it)."""
     return {'type': 'object', 'additionalProperties': False, 'required': [key], 'properties': {key: {
-        'type': 'array', 'minItems': n, 'maxItems': n, 'items': {'type': 'integer', 'minimum': 0, 'maximum': top}}}}
+        'type': 'array', 'minItems': n, 'maxItems': n,
+        'items': {'type': 'integer', 'minimum': 0, 'maximum': top, 'enum': list(range(top + 1))}}}}
 
 
 class LLMError(Exception):

@@ -311,7 +311,8 @@ def test_no_answer_crashes_a_run_or_is_cached_as_good(ckpt, server, tmp_path, fa
     if fault == 'schema_500':         # the probe's one 500 (no client retries), then a JSON object with the schema
         formats = [(b.get('response_format') or {}).get('type') for b in simulations(server)]
         assert formats[:1] == ['json_schema'] and set(formats[1:]) == {'json_object'}
-        assert simulations(server)[-1]['response_format']['schema']['properties']['activations']['maxItems'] > 1
+        values = simulations(server)[-1]['response_format']['schema']['properties']['activations']
+        assert values['maxItems'] > 1 and values['items']['enum'] == list(range(11))    # llama-cpp-python enforces both
     if fault == 'malformed_at_t0':    # a deterministic server repeats itself: a retry goes at temperature 1, seed 1
         assert {(b['temperature'], b['seed']) for b in simulations(server)} == {(0, 0), (1.0, 1)}
     if fault.endswith('_once'):
