@@ -619,8 +619,9 @@ def fuzzing_marks(examples, rng):
 
 async def classify(llm, kind, explanation, examples, marks, decode):
     """Each example's answer (0 or 1, and P(1) where the server gives logprobs, else None), BATCH excerpts a request;
-    None when a request failed. llm None: the token lookup says 1 where an excerpt's largest looked-up value
-    (detection), or its marked tokens' mean value (fuzzing), is 1 or more."""
+    None when a request failed. marks: each excerpt's marked tokens, a boolean array (all False for detection).
+    llm None: the token lookup says 1 where an excerpt's largest looked-up value (detection), or its marked tokens'
+    mean value (fuzzing), is 1 or more."""
     if llm is None:
         look = [np.array([explanation.get(t, 0.0) for t in toks]) for toks, _, _ in examples]
         return [(int((v.max() if kind == 'detection' else v[mk].mean()) >= 1), None) for v, mk in zip(look, marks)]

@@ -62,7 +62,8 @@ def test_a_real_model_answers_every_role(server, tmp_path):
         sims = [await simulate(llm, explanation or 'the word "the"', text)
                 for simulate in (I.simulate_chat, I.simulate_all_at_once)]
         five = [(text[i:i + 3], acts[i:i + 3], int(acts[i:i + 3].max() > 0)) for i in range(0, 15, 3)]
-        detected = await I.classify(llm, 'detection', explanation or 'the word "the"', five, [None] * 5, decode)
+        unmarked = [np.zeros(len(t), dtype=bool) for t, _, _ in five]       # detection marks no token
+        detected = await I.classify(llm, 'detection', explanation or 'the word "the"', five, unmarked, decode)
         return explanation, sims, detected
     explanation, sims, detected = asyncio.run(every_role())
     assert explanation is None or isinstance(explanation, str) and explanation.strip()
